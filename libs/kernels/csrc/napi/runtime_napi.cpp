@@ -1,0 +1,42 @@
+// Runtime information and settings: CPU features, SIMD level, threads.
+#include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
+#include "napi/registry.h"
+
+#include <cstring>
+
+namespace {
+
+Napi::Value cpuInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const qk::CpuFeatures& f = qk::cpuFeatures();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("avx2", f.avx2 && f.fma);
+  o.Set("avx512", f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq);
+  o.Set("avx512bf16", f.avx512bf16);
+  o.Set("avx512vnni", f.avx512vnni);
+  o.Set("simd", qk::simdLevelName(qk::simdLevel()));
+  o.Set("threads", qk::numThreads());
+  return o;
+}
+
+Napi::Value setSimd(const Napi::CallbackInfo& info) {
+  std::string s = info[0].As<Napi::String>().Utf8Value();
+  qk::SimdLevel l = qk::SimdLevel::Avx512;
+  if (s == "scalar") l = qk::SimdLevel::Scalar;
+  else if (s == "avx2") l = qk::SimdLevel::Avx2;
+  else if (s != "avx512") throw Napi::TypeError::New(info.Env(), "simd level must be scalar, avx2 or avx512");
+  qk::setSimdLevel(l);
+  return Napi::String::New(info.Env(), qk::simdLevelName(qk::simdLevel()));
+}
+
+Napi::Value setThreads(const Napi::CallbackInfo& info) {
+  qk::setNumThreads(info[0].As<Napi::Number>().Int32Value());
+  return Napi::Number::New(info.Env(), qk::numThreads());
+}
+
+}  // namespace
+
+QK_EXPORT("cpuInfo", cpuInfo);
+QK_EXPORT("setSimd", setSimd);
+QK_EXPORT("setThreads", setThreads);

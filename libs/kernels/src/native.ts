@@ -1,0 +1,20 @@
+/** Loads the compiled addon (build/Release/qlora_kernels.node) once per thread. */
+import { createRequire } from "node:module";
+import { existsSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const packageRoot = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+const addonPath = join(packageRoot, "build", "Release", "qlora_kernels.node");
+
+function load(): any {
+  if (!existsSync(addonPath)) {
+    throw new Error(
+      `qlora: the native kernels are not built (${addonPath} is missing); run \`npm run build:native\``,
+    );
+  }
+  return createRequire(import.meta.url)(addonPath);
+}
+
+/** The raw addon. Use the typed wrappers in this package instead. */
+export const native: any = load();
