@@ -1,1 +1,11 @@
-export {};
+export * from "./dtype.js";
+export * from "./pyjson.js";
+export * from "./fsutil.js";
+export * from "./safetensors.js";
+export * from "./sharded.js";
+export * from "./config.js";
+export * from "./names.js";
+export * from "./bnb4bit.js";
+export * from "./checkpoint.js";
+export * from "./peft.js";
+export * from "./synthetic.js";

@@ -1,1 +1,4 @@
 export * from "./runtime.js";
+export * from "./nf4.js";
+export * from "./engine.js";
+export * from "./tensor.js";

@@ -1,1 +1,11 @@
-export {};
+export * from "./tokenizer.js";
+export * from "./detokenizer.js";
+export * from "./stop.js";
+export * from "./sequence.js";
+export * from "./sampling.js";
+export * from "./engine-config.js";
+export * from "./loader.js";
+export * from "./adapter.js";
+export * from "./generate.js";
+export * from "./evaluate.js";
+export * from "./eval-data.js";

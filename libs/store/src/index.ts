@@ -1,1 +1,3 @@
-export {};
+export * from "./names.js";
+export * from "./manifest.js";
+export * from "./store.js";

@@ -1,0 +1,29 @@
+/**
+ * The services `qlora serve` can host, by name: ONE table. A service package exports a
+ * function returning a ServiceRegistration; adding it here is one line. Entries that are not
+ * implemented yet say why, so `--services trainer` fails with a clear message instead of an
+ * unknown-name error.
+ */
+import type { ServiceRegistration } from "@qlora/rpc";
+import type { ArtifactStore } from "@qlora/store";
+
+export interface ServeContext {
+  store: ArtifactStore;
+  /** Absolute data directory (the store's root). */
+  dataDir: string;
+}
+
+export type ServiceFactory = (ctx: ServeContext) => ServiceRegistration | Promise<ServiceRegistration>;
+
+export const SERVICES: Record<string, ServiceFactory | { unavailable: string }> = {
+  // Imported on demand: service packages load native code that other commands do not need.
+  quantizer: async ({ store }) => (await import("@qlora/quantizer")).quantizerService(store),
+  trainer: { unavailable: "the trainer service is not part of this build yet" },
+  inference: async ({ store }) => (await import("@qlora/inference")).inferenceService({ store }),
+};
+
+export function availableServices(): string[] {
+  return Object.entries(SERVICES)
+    .filter(([, f]) => typeof f === "function")
+    .map(([name]) => name);
+}

@@ -1,0 +1,627 @@
+// The native model: weight binding, KV cache, mixed-adapter batching and the forward pass.
+// Shapes in comments: T = tokens in the step (all rows packed), H = hidden, I = intermediate,
+// nh / nkv = query / key-value heads, hd = head dim, qDim = nh·hd, kvDim = nkv·hd, V = vocab.
+#include "model/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "cpu/thread_pool.h"
+
+namespace qk {
+namespace engine {
+
+namespace {
+
+[[noreturn]] void invalid(const std::string& msg) { throw EngineError("INVALID_ARGUMENT", msg); }
+
+int64_t numel(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string shapeStr(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? "," : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+size_t dtypeBytes(TableType t, int64_t n) {
+  switch (t) {
+    case TableType::F32: return static_cast<size_t>(n) * 4;
+    case TableType::F16:
+    case TableType::BF16: return static_cast<size_t>(n) * 2;
+    default: return static_cast<size_t>((n + 1) / 2);
+  }
+}
+
+// The Hugging Face module path (inside a layer) of each linear, per architecture.
+const char* linName(Arch a, Lin l) {
+  static const char* llama[kNumLin] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                       "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                       "mlp.down_proj"};
+  static const char* opt[kNumLin] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                     "self_attn.out_proj", nullptr, "fc1", "fc2"};
+  return a == Arch::Llama ? llama[l] : opt[l];
+}
+
+}  // namespace
+
+// =============================================================================================
+// Construction: bind the weights (zero copy for matrices), allocate tables
+// =============================================================================================
+Model::Model(const ModelConfig& cfg, const TensorMap& weights, int maxSequences, int maxContext)
+    : cfg_(cfg), maxSeq_(maxSequences), maxCtx_(maxContext) {
+  const ModelConfig& c = cfg_;
+  if (c.hidden <= 0 || c.intermediate <= 0 || c.layers <= 0 || c.heads <= 0 || c.kvHeads <= 0 ||
+      c.headDim <= 0 || c.vocab <= 0 || c.maxPositions <= 0)
+    invalid("engine config: sizes must be positive");
+  if (c.heads % c.kvHeads) invalid("engine config: numHeads must be a multiple of numKvHeads");
+  if (c.arch == Arch::Llama && c.headDim % 2) invalid("engine config: headDim must be even (RoPE)");
+  if (c.arch == Arch::Opt && (c.kvHeads != c.heads || c.heads * c.headDim != c.hidden))
+    invalid("engine config: OPT needs numKvHeads == numHeads and numHeads·headDim == hiddenSize");
+  if (maxSeq_ < 1 || maxSeq_ > 4096) invalid("maxSequences must be in 1..4096");
+  if (maxCtx_ < 1) invalid("maxContext must be >= 1");
+  if (c.arch == Arch::Opt && maxCtx_ > c.maxPositions)
+    invalid("maxContext exceeds OPT's learned positions (" + std::to_string(c.maxPositions) + ")");
+  qDim_ = static_cast<int64_t>(c.heads) * c.headDim;
+  kvDim_ = static_cast<int64_t>(c.kvHeads) * c.headDim;
+
+  loadWeights(weights);
+
+  if (c.arch == Arch::Llama) {
+    // RoPE tables: cos/sin[pos, j] for every position the cache can hold.
+    const int half = c.headDim / 2;
+    std::vector<float> invFreq(half);
+    RopeParams rp = c.rope;
+    rp.headDim = c.headDim;
+    ropeInvFreq(rp, invFreq.data());
+    cos_.resize(static_cast<size_t>(maxCtx_) * half);
+    sin_.resize(static_cast<size_t>(maxCtx_) * half);
+    ropeTables(invFreq.data(), half, maxCtx_, cos_.data(), sin_.data());
+  }
+  seqs_.resize(static_cast<size_t>(maxSeq_) + 1);  // + the internal crossEntropy slot
+}
+
+const float* Model::ownFloats(const RawTensor& t, const std::string& name, int64_t n) {
+  if (numel(t.shape) != n) invalid("weight " + name + ": expected " + std::to_string(n) + " elements, got shape " + shapeStr(t.shape));
+  auto v = std::make_unique<std::vector<float>>(static_cast<size_t>(n));
+  TableView tv{t.dtype, t.data, t.absmax, 1, n, t.blocksize};
+  tableRow(tv, 0, v->data(), false);
+  owned_.push_back(std::move(v));
+  return owned_.back()->data();
+}
+
+WeightView Model::weightView(const RawTensor& t, const std::string& name, int64_t rows, int64_t cols) {
+  if (t.shape.size() != 2 || t.shape[0] != rows || t.shape[1] != cols)
+    invalid("weight " + name + ": expected shape [" + std::to_string(rows) + "," + std::to_string(cols) + "], got " +
+            shapeStr(t.shape));
+  WeightView w{};
+  w.type = static_cast<WType>(t.dtype);
+  w.data = t.data;
+  w.absmax = t.absmax;
+  w.rows = rows;
+  w.cols = cols;
+  w.blocksize = t.blocksize;
+  return w;
+}
+
+void Model::loadWeights(const TensorMap& weights) {
+  const ModelConfig& c = cfg_;
+  const bool opt = c.arch == Arch::Opt;
+  std::unordered_map<std::string, bool> used;
+
+  // Validates bytes / absmax of every tensor once.
+  for (const auto& [name, t] : weights) {
+    int64_t n = numel(t.shape);
+    if (t.data == nullptr && n > 0) invalid("weight " + name + ": no data");
+    if (t.bytes < dtypeBytes(t.dtype, n))
+      invalid("weight " + name + ": " + std::to_string(t.bytes) + " bytes is too short for shape " + shapeStr(t.shape));
+    if (t.dtype == TableType::NF4) {
+      if (t.blocksize <= 0 || t.blocksize % 2) invalid("weight " + name + ": nf4 needs an even positive blocksize");
+      if (t.absmax == nullptr || t.absmaxCount < static_cast<size_t>((n + t.blocksize - 1) / t.blocksize))
+        invalid("weight " + name + ": nf4 absmax missing or too short");
+    }
+  }
+  auto find = [&](const std::string& name) -> const RawTensor* {
+    auto it = weights.find(name);
+    if (it == weights.end()) return nullptr;
+    used[name] = true;
+    return &it->second;
+  };
+  auto need = [&](const std::string& name) -> const RawTensor& {
+    const RawTensor* t = find(name);
+    if (!t) throw EngineError("NOT_FOUND", "weight " + name + " is missing");
+    return *t;
+  };
+  auto needAny = [&](const std::string& a, const std::string& b) -> std::pair<std::string, const RawTensor*> {
+    if (const RawTensor* t = find(a)) return {a, t};
+    if (const RawTensor* t = find(b)) return {b, t};
+    throw EngineError("NOT_FOUND", "weight " + a + " is missing");
+  };
+  auto countBytes = [&](const RawTensor& t) {
+    weightBytes_ += dtypeBytes(t.dtype, numel(t.shape)) + (t.dtype == TableType::NF4 ? t.absmaxCount * 4 : 0);
+  };
+
+  // embed_tokens [V, H]
+  {
+    auto [name, t] = needAny("embed_tokens", "embed_tokens.weight");
+    if (t->shape.size() != 2 || t->shape[0] != c.vocab || t->shape[1] != c.hidden)
+      invalid("weight " + name + ": expected shape [" + std::to_string(c.vocab) + "," + std::to_string(c.hidden) + "], got " + shapeStr(t->shape));
+    embed_ = TableView{t->dtype, t->data, t->absmax, c.vocab, c.hidden, t->blocksize};
+    countBytes(*t);
+    if (c.tied) lmHead_ = weightView(*t, name, c.vocab, c.hidden);
+  }
+  // embed_positions [P + 2, H] (OPT)
+  if (opt) {
+    auto [name, t] = needAny("embed_positions", "embed_positions.weight");
+    if (t->shape.size() != 2 || t->shape[1] != c.hidden || t->shape[0] < static_cast<int64_t>(maxCtx_) + 2)
+      invalid("weight " + name + ": expected shape [>= maxContext+2," + std::to_string(c.hidden) + "], got " + shapeStr(t->shape));
+    positions_ = TableView{t->dtype, t->data, t->absmax, t->shape[0], c.hidden, t->blocksize};
+    countBytes(*t);
+  }
+  // lm_head [V, H]
+  if (c.tied) {
+    find("lm_head");  // a tied checkpoint may still carry the duplicate; it is not read
+    find("lm_head.weight");
+  } else {
+    auto [name, t] = needAny("lm_head", "lm_head.weight");
+    lmHead_ = weightView(*t, name, c.vocab, c.hidden);
+    countBytes(*t);
+  }
+  // final norm (Llama: model.norm; OPT: decoder.final_layer_norm, absent for post-LN models)
+  if (const RawTensor* t = find("norm.weight")) {
+    finalNorm_.w = ownFloats(*t, "norm.weight", c.hidden);
+    if (opt) finalNorm_.b = ownFloats(need("norm.bias"), "norm.bias", c.hidden);
+  } else if (!opt || c.layerNormBefore) {
+    throw EngineError("NOT_FOUND", "weight norm.weight is missing");
+  }
+
+  layers_.resize(c.layers);
+  for (int l = 0; l < c.layers; ++l) {
+    Layer& L = layers_[l];
+    const std::string p = "layers." + std::to_string(l) + ".";
+    const int64_t H = c.hidden, I = c.intermediate;
+    struct Spec { Lin lin; int64_t out, in; bool bias; };
+    std::vector<Spec> specs = {{LQ, qDim_, H, c.qkvBias},   {LK, kvDim_, H, c.qkvBias}, {LV, kvDim_, H, c.qkvBias},
+                               {LO, H, qDim_, c.oBias},     {LUp, I, H, c.mlpBias},     {LDown, H, I, c.mlpBias}};
+    if (!opt) specs.push_back({LGate, I, H, c.mlpBias});
+    for (const Spec& s : specs) {
+      const std::string base = p + linName(c.arch, s.lin);
+      const RawTensor& w = need(base + ".weight");
+      L.lin[s.lin].present = true;
+      L.lin[s.lin].w = weightView(w, base + ".weight", s.out, s.in);
+      countBytes(w);
+      if (s.bias) L.lin[s.lin].bias = ownFloats(need(base + ".bias"), base + ".bias", s.out);
+    }
+    const char* n1 = opt ? "self_attn_layer_norm" : "input_layernorm";
+    const char* n2 = opt ? "final_layer_norm" : "post_attention_layernorm";
+    L.norm1.w = ownFloats(need(p + n1 + ".weight"), p + n1 + ".weight", H);
+    L.norm2.w = ownFloats(need(p + n2 + ".weight"), p + n2 + ".weight", H);
+    if (opt) {
+      L.norm1.b = ownFloats(need(p + n1 + ".bias"), p + n1 + ".bias", H);
+      L.norm2.b = ownFloats(need(p + n2 + ".bias"), p + n2 + ".bias", H);
+    }
+  }
+
+  // Every tensor handed over must have been consumed: a stray name is a loader bug.
+  std::vector<std::string> unused;
+  for (const auto& kv : weights) {
+    const std::string& n = kv.first;
+    if (used.count(n)) continue;
+    if (n.size() >= 19 && n.compare(n.size() - 19, 19, "rotary_emb.inv_freq") == 0) continue;
+    unused.push_back(n);
+  }
+  if (!unused.empty()) {
+    std::sort(unused.begin(), unused.end());
+    std::string msg = "unexpected weights for this config:";
+    for (size_t i = 0; i < unused.size() && i < 6; ++i) msg += " " + unused[i];
+    if (unused.size() > 6) msg += " … (" + std::to_string(unused.size()) + " in all)";
+    invalid(msg);
+  }
+  for (const auto& v : owned_) weightBytes_ += v->size() * sizeof(float);
+}
+
+// =============================================================================================
+// Sequences
+// =============================================================================================
+void Model::ensureSeqCache(Seq& s) {
+  if (s.k) return;
+  const size_t n = static_cast<size_t>(cfg_.layers) * maxCtx_ * kvDim_;
+  try {
+    s.k.reset(new float[n]);  // uninitialised: pages are touched only as the cache fills
+    s.v.reset(new float[n]);
+  } catch (const std::bad_alloc&) {
+    s.k.reset();
+    s.v.reset();
+    throw EngineError("RESOURCE_EXHAUSTED", "out of memory allocating a KV cache of " + std::to_string(2 * n * 4) + " bytes");
+  }
+}
+
+int Model::createSequence() {
+  for (int i = 0; i < maxSeq_; ++i) {
+    Seq& s = seqs_[i];
+    if (s.used) continue;
+    ensureSeqCache(s);
+    s.used = true;
+    s.len = 0;
+    return i;
+  }
+  throw EngineError("RESOURCE_EXHAUSTED", "all " + std::to_string(maxSeq_) + " sequence slots are in use");
+}
+
+Model::Seq& Model::seqAt(int seq, const char* what) {
+  if (seq < 0 || seq >= maxSeq_ || !seqs_[seq].used)
+    throw EngineError("NOT_FOUND", std::string(what) + ": no sequence " + std::to_string(seq));
+  return seqs_[seq];
+}
+
+void Model::dropSequence(int seq) {
+  Seq& s = seqAt(seq, "dropSequence");
+  s.used = false;  // the cache memory is kept for the next createSequence
+  s.len = 0;
+}
+
+int64_t Model::sequenceLength(int seq) const {
+  if (seq < 0 || seq >= maxSeq_ || !seqs_[seq].used)
+    throw EngineError("NOT_FOUND", "sequenceLength: no sequence " + std::to_string(seq));
+  return seqs_[seq].len;
+}
+
+void Model::truncateSequence(int seq, int64_t length) {
+  Seq& s = seqAt(seq, "truncateSequence");
+  if (length < 0 || length > s.len)
+    invalid("truncateSequence: length " + std::to_string(length) + " is outside 0.." + std::to_string(s.len));
+  s.len = length;
+}
+
+// =============================================================================================
+// Adapters
+// =============================================================================================
+void Model::resolveModule(const std::string& name, int* layer, Lin* lin, int64_t* in, int64_t* out) const {
+  // "layers.{i}.{hf module path}"
+  const std::string pre = "layers.";
+  if (name.compare(0, pre.size(), pre) == 0) {
+    size_t dot = name.find('.', pre.size());
+    if (dot != std::string::npos && dot > pre.size()) {
+      const std::string num = name.substr(pre.size(), dot - pre.size());
+      if (num.find_first_not_of("0123456789") == std::string::npos && num.size() < 7) {
+        int l = std::stoi(num);
+        const std::string mod = name.substr(dot + 1);
+        for (int k = 0; k < kNumLin; ++k) {
+          const char* n = linName(cfg_.arch, static_cast<Lin>(k));
+          if (n && mod == n && l < cfg_.layers && layers_[l].lin[k].present) {
+            *layer = l;
+            *lin = static_cast<Lin>(k);
+            *in = layers_[l].lin[k].w.cols;
+            *out = layers_[l].lin[k].w.rows;
+            return;
+          }
+        }
+      }
+    }
+  }
+  invalid("adapter module " + name + " is not a linear layer of this model");
+}
+
+void Model::setAdapter(int slot, Adapter adapter) {
+  if (slot < 0 || slot >= 65536) invalid("adapter slot must be in 0..65535");
+  if (adapter.mods.size() != static_cast<size_t>(cfg_.layers) * kNumLin) invalid("adapter: bad module table");
+  if (static_cast<size_t>(slot) >= adapters_.size()) adapters_.resize(static_cast<size_t>(slot) + 1);
+  adapter.active = true;
+  adapter.maxRank = 0;
+  for (const LoraModule& m : adapter.mods)
+    if (m.a) adapter.maxRank = std::max(adapter.maxRank, m.rank);
+  adapters_[slot] = std::move(adapter);
+}
+
+void Model::removeAdapter(int slot) {
+  if (!hasAdapter(slot)) throw EngineError("NOT_FOUND", "removeAdapter: no adapter in slot " + std::to_string(slot));
+  adapters_[slot] = Adapter{};
+}
+
+bool Model::hasAdapter(int slot) const {
+  return slot >= 0 && static_cast<size_t>(slot) < adapters_.size() && adapters_[slot].active;
+}
+
+void Model::checkAdapter(int adapter) const {
+  if (adapter != -1 && !hasAdapter(adapter))
+    throw EngineError("NOT_FOUND", "no adapter in slot " + std::to_string(adapter));
+}
+
+// =============================================================================================
+// Scratch
+// =============================================================================================
+void Model::ensureScratch(int64_t T) {
+  if (T <= cap_) return;
+  const int64_t H = cfg_.hidden, I = cfg_.intermediate;
+  int64_t cap = std::max<int64_t>(T, 16);
+  x_.resize(cap * H);
+  xn_.resize(cap * H);
+  q_.resize(cap * qDim_);
+  k_.resize(cap * kvDim_);
+  v_.resize(cap * kvDim_);
+  att_.resize(cap * qDim_);
+  u_.resize(cap * I);
+  if (cfg_.arch == Arch::Llama) g_.resize(cap * I);
+  tokIds_.resize(cap);
+  tokPos_.resize(cap);
+  tokSeq_.resize(cap);
+  kPtr_.resize(cap);
+  vPtr_.resize(cap);
+  cap_ = cap;
+}
+
+// =============================================================================================
+// Forward
+// =============================================================================================
+
+// y[T, out] (+)= x[T, in]·Wᵀ + b, then for every segment of rows that use an adapter with this
+// module: y[seg] += scaling · (x[seg]·Aᵀ)·Bᵀ   (SGMV: one shared base GEMM, per-adapter low rank)
+void Model::linear(int layer, Lin which, const float* x, int64_t T, float* y, bool accumulate) {
+  const Linear& L = layers_[layer].lin[which];
+  const int64_t in = L.w.cols, out = L.w.rows;
+  linearForward(x, T, L.w, L.bias, y, accumulate);
+  for (const Segment& s : segments_) {
+    if (s.adapter < 0) continue;
+    const Adapter& ad = adapters_[s.adapter];
+    const LoraModule& m = ad.mods[static_cast<size_t>(layer) * kNumLin + which];
+    if (!m.a) continue;
+    const int64_t rows = s.t1 - s.t0, r = m.rank;
+    if (static_cast<int64_t>(lora_.size()) < rows * r) lora_.resize(rows * r);
+    // t[rows, r] = x[seg]·Aᵀ        A: [r, in]
+    gemmF32(false, true, rows, r, in, 1.f, x + s.t0 * in, in, m.a, in, 0.f, lora_.data(), r);
+    // y[seg] += scaling · t·Bᵀ       B: [out, r]
+    gemmF32(false, true, rows, out, r, ad.scaling, lora_.data(), r, m.b, r, 1.f, y + s.t0 * out, out);
+  }
+}
+
+void Model::finalNorm(const float* x, float* y, int64_t rows) {
+  const int64_t H = cfg_.hidden;
+  if (!finalNorm_.w) {  // OPT post-LN: no final norm
+    if (x != y) std::memcpy(y, x, sizeof(float) * rows * H);
+    return;
+  }
+  if (cfg_.arch == Arch::Llama) rmsNormForward(x, finalNorm_.w, y, rows, H, cfg_.normEps);
+  else layerNormForward(x, finalNorm_.w, finalNorm_.b, y, rows, H, cfg_.normEps);
+}
+
+void Model::runDecoder(int64_t T) {
+  const ModelConfig& c = cfg_;
+  const bool llama = c.arch == Arch::Llama, preLN = llama || c.layerNormBefore;
+  const int64_t H = c.hidden, I = c.intermediate, hd = c.headDim;
+  float* x = x_.data();    // [T, H] residual stream
+  float* xn = xn_.data();  // [T, H] normed input of a block
+  float* q = q_.data();    // [T, qDim]
+  float* k = k_.data();    // [T, kvDim]
+  float* v = v_.data();    // [T, kvDim]
+  float* att = att_.data();  // [T, qDim]
+  float* u = u_.data();    // [T, I]
+  float* g = llama ? g_.data() : nullptr;  // [T, I]
+  const int32_t* pos = tokPos_.data();
+
+  auto norm = [&](const Norm& n, const float* in, float* out) {
+    if (llama) rmsNormForward(in, n.w, out, T, H, c.normEps);
+    else layerNormForward(in, n.w, n.b, out, T, H, c.normEps);
+  };
+
+  // ---- embeddings: x[t] = embed[id_t] (+ OPT learned position row pos_t + 2) ----
+  embeddingForward(embed_, tokIds_.data(), T, x, false);
+  if (!llama)
+    for (int64_t t = 0; t < T; ++t) tableRow(positions_, static_cast<int64_t>(pos[t]) + 2, x + t * H, true);
+
+  AttentionShape as;
+  as.nHeads = c.heads;
+  as.nKvHeads = c.kvHeads;
+  as.headDim = c.headDim;
+  as.scale = llama ? 1.f / std::sqrt(static_cast<float>(hd)) : 1.f;  // OPT scales q itself
+  const size_t layerStride = static_cast<size_t>(maxCtx_) * kvDim_;
+
+  for (int l = 0; l < c.layers; ++l) {
+    const Layer& L = layers_[l];
+
+    // ---- self-attention block ----
+    const float* ain = x;
+    if (preLN) {
+      norm(L.norm1, x, xn);  // xn = norm1(x)
+      ain = xn;
+    }
+    linear(l, LQ, ain, T, q, false);  // q [T, qDim]
+    linear(l, LK, ain, T, k, false);  // k [T, kvDim]
+    linear(l, LV, ain, T, v, false);  // v [T, kvDim]
+    if (llama) {
+      ropeForward(q, T, c.heads, c.headDim, pos, cos_.data(), sin_.data());
+      ropeForward(k, T, c.kvHeads, c.headDim, pos, cos_.data(), sin_.data());
+    } else {
+      scale(q, 1.f / std::sqrt(static_cast<float>(hd)), T * qDim_);  // OPT: q_proj(h)·hd^-0.5
+    }
+    // append k, v at each token's position in its sequence's cache
+    for (int64_t t = 0; t < T; ++t) {
+      Seq& s = seqs_[tokSeq_[t]];
+      float* kl = s.k.get() + l * layerStride;
+      float* vl = s.v.get() + l * layerStride;
+      std::memcpy(kl + static_cast<int64_t>(pos[t]) * kvDim_, k + t * kvDim_, sizeof(float) * kvDim_);
+      std::memcpy(vl + static_cast<int64_t>(pos[t]) * kvDim_, v + t * kvDim_, sizeof(float) * kvDim_);
+      kPtr_[t] = kl;
+      vPtr_[t] = vl;
+    }
+    attentionForward(as, q, kPtr_.data(), vPtr_.data(), pos, T, att);  // att [T, qDim]
+    linear(l, LO, att, T, x, true);  // x += o_proj(att)
+    if (!preLN) norm(L.norm1, x, x);
+
+    // ---- MLP block ----
+    const float* min = x;
+    if (preLN) {
+      norm(L.norm2, x, xn);
+      min = xn;
+    }
+    if (llama) {
+      linear(l, LGate, min, T, g, false);              // g [T, I]
+      linear(l, LUp, min, T, u, false);                // u [T, I]
+      gatedActivationForward(c.act, g, u, g, T * I);   // g = act(g)·u
+      linear(l, LDown, g, T, x, true);                 // x += down(g)
+    } else {
+      linear(l, LUp, min, T, u, false);                // u = fc1(xn) [T, I]
+      activationForward(c.act, u, u, T * I);           // u = act(u)
+      linear(l, LDown, u, T, x, true);                 // x += fc2(u)
+    }
+    if (!preLN) norm(L.norm2, x, x);
+  }
+}
+
+void Model::forward(const RowSpec* rows, int nRows, bool allLogits, float* logits) {
+  const ModelConfig& c = cfg_;
+  if (nRows <= 0) invalid("forward: no rows");
+  // ---- validate ----
+  int64_t T = 0;
+  for (int i = 0; i < nRows; ++i) {
+    const RowSpec& r = rows[i];
+    Seq& s = seqAt(r.seq, "forward");
+    checkAdapter(r.adapter);
+    if (r.n <= 0) invalid("forward: row " + std::to_string(i) + " has no tokens");
+    if (s.len + r.n > maxCtx_)
+      throw EngineError("RESOURCE_EXHAUSTED", "forward: sequence " + std::to_string(r.seq) + " would hold " +
+                                                  std::to_string(s.len + r.n) + " tokens, maxContext is " +
+                                                  std::to_string(maxCtx_));
+    for (int j = 0; j < i; ++j)
+      if (rows[j].seq == r.seq) invalid("forward: sequence " + std::to_string(r.seq) + " appears in two rows");
+    for (int64_t t = 0; t < r.n; ++t)
+      if (r.tokens[t] < 0 || r.tokens[t] >= c.vocab)
+        invalid("forward: token id " + std::to_string(r.tokens[t]) + " is outside 0.." + std::to_string(c.vocab - 1));
+    T += r.n;
+  }
+  ensureScratch(T);
+
+  // ---- pack rows grouped by adapter (stable), so each adapter is one contiguous segment ----
+  // (insertion sort: stable, allocation free, batches are small)
+  order_.resize(nRows);
+  for (int i = 0; i < nRows; ++i) {
+    int j = i;
+    for (; j > 0 && rows[order_[j - 1]].adapter > rows[i].adapter; --j) order_[j] = order_[j - 1];
+    order_[j] = i;
+  }
+  rowStart_.resize(nRows);
+  segments_.clear();
+  int64_t t = 0;
+  for (int oi = 0; oi < nRows; ++oi) {
+    const RowSpec& r = rows[order_[oi]];
+    const Seq& s = seqs_[r.seq];
+    rowStart_[order_[oi]] = t;
+    if (segments_.empty() || segments_.back().adapter != r.adapter) segments_.push_back({r.adapter, t, t});
+    for (int64_t j = 0; j < r.n; ++j, ++t) {
+      tokIds_[t] = r.tokens[j];
+      tokPos_[t] = static_cast<int32_t>(s.len + j);
+      tokSeq_[t] = r.seq;
+    }
+    segments_.back().t1 = t;
+  }
+
+  runDecoder(T);
+  for (int i = 0; i < nRows; ++i) seqs_[rows[i].seq].len += rows[i].n;
+
+  // ---- logits: gather the wanted rows (caller's order), final norm, lm_head ----
+  const int64_t H = c.hidden;
+  const int64_t R = allLogits ? T : nRows;
+  if (static_cast<int64_t>(sel_.size()) < R * H) sel_.resize(R * H);
+  int64_t o = 0;
+  for (int i = 0; i < nRows; ++i) {
+    const int64_t first = allLogits ? rowStart_[i] : rowStart_[i] + rows[i].n - 1;
+    const int64_t cnt = allLogits ? rows[i].n : 1;
+    std::memcpy(sel_.data() + o * H, x_.data() + first * H, sizeof(float) * cnt * H);
+    o += cnt;
+  }
+  finalNorm(sel_.data(), sel_.data(), R);
+  linearForward(sel_.data(), R, lmHead_, nullptr, logits, false);  // logits [R, V]
+}
+
+// lm_head rows [v0, v1) as a view (NF4: v0·H must start a quantization block).
+WeightView Model::lmHeadRows(int64_t v0, int64_t v1) const {
+  WeightView w = lmHead_;
+  const int64_t e0 = v0 * w.cols;
+  const unsigned char* base = static_cast<const unsigned char*>(w.data);
+  switch (w.type) {
+    case WType::F32: w.data = base + e0 * 4; break;
+    case WType::F16:
+    case WType::BF16: w.data = base + e0 * 2; break;
+    default:
+      w.data = base + e0 / 2;
+      w.absmax = lmHead_.absmax + e0 / w.blocksize;
+      break;
+  }
+  w.rows = v1 - v0;
+  return w;
+}
+
+double Model::crossEntropy(const int32_t* tokens, int64_t T, int adapter, int64_t* count) {
+  const ModelConfig& c = cfg_;
+  checkAdapter(adapter);
+  if (T < 2) invalid("crossEntropy: needs at least 2 tokens");
+  if (T > maxCtx_)
+    throw EngineError("RESOURCE_EXHAUSTED", "crossEntropy: " + std::to_string(T) + " tokens exceed maxContext " + std::to_string(maxCtx_));
+  for (int64_t t = 0; t < T; ++t)
+    if (tokens[t] < 0 || tokens[t] >= c.vocab) invalid("crossEntropy: token id " + std::to_string(tokens[t]) + " out of range");
+
+  // ---- forward over a temporary sequence (the internal slot) ----
+  const int tmp = maxSeq_;
+  Seq& s = seqs_[tmp];
+  ensureSeqCache(s);
+  s.len = 0;
+  ensureScratch(T);
+  for (int64_t t = 0; t < T; ++t) {
+    tokIds_[t] = tokens[t];
+    tokPos_[t] = static_cast<int32_t>(t);
+    tokSeq_[t] = tmp;
+  }
+  segments_.assign(1, Segment{adapter, 0, T});
+  runDecoder(T);
+
+  // ---- logits of positions 0..T-2 in vocab chunks with an online log-sum-exp ----
+  const int64_t H = c.hidden, M = T - 1, V = c.vocab;
+  if (static_cast<int64_t>(sel_.size()) < M * H) sel_.resize(M * H);
+  finalNorm(x_.data(), sel_.data(), M);  // h [M, H]
+  int64_t unit = 1;  // NF4 slices must start on a block: v0·H ≡ 0 (mod blocksize)
+  if (lmHead_.type == WType::NF4) unit = lmHead_.blocksize / std::gcd<int64_t>(H, lmHead_.blocksize);
+  int64_t chunk = std::max<int64_t>(unit, std::min<int64_t>(4096, (int64_t(1) << 23) / std::max<int64_t>(M, 1)) / unit * unit);
+  if (static_cast<int64_t>(ceBuf_.size()) < M * chunk) ceBuf_.resize(M * chunk);
+  std::vector<double> mx(M, -INFINITY), sum(M, 0.0), tgt(M, 0.0);
+  for (int64_t v0 = 0; v0 < V; v0 += chunk) {
+    const int64_t v1 = std::min(V, v0 + chunk), w = v1 - v0;
+    float* buf = ceBuf_.data();  // logits [M, w]
+    linearForward(sel_.data(), M, lmHeadRows(v0, v1), nullptr, buf, false);
+    parallelFor(M, 4, [&](int64_t b, int64_t e, int) {
+      for (int64_t r = b; r < e; ++r) {
+        float* row = buf + r * w;
+        const int32_t id = tokens[r + 1];
+        if (id >= v0 && id < v1) tgt[r] = row[id - v0];
+        const double cm = maxOf(row, w);
+        if (cm > mx[r]) {
+          sum[r] *= std::exp(mx[r] - cm);
+          mx[r] = cm;
+        }
+        sum[r] += expShiftSum(row, static_cast<float>(mx[r]), w);
+      }
+    });
+  }
+  double total = 0.0;
+  for (int64_t r = 0; r < M; ++r) total += mx[r] + std::log(sum[r]) - tgt[r];  // -log softmax[target]
+  s.len = 0;
+  *count = M;
+  return total / static_cast<double>(M);
+}
+
+size_t Model::residentBytes() const {
+  size_t b = weightBytes_;
+  for (const Seq& s : seqs_)
+    if (s.k) b += 2 * static_cast<size_t>(cfg_.layers) * maxCtx_ * kvDim_ * sizeof(float);
+  for (const Adapter& a : adapters_) b += a.bytes;
+  auto vb = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
+  b += vb(cos_) + vb(sin_) + vb(x_) + vb(xn_) + vb(q_) + vb(k_) + vb(v_) + vb(att_) + vb(g_) + vb(u_) + vb(lora_) +
+       vb(tokIds_) + vb(tokPos_) + vb(tokSeq_) + vb(kPtr_) + vb(vPtr_) + vb(sel_) + vb(ceBuf_);
+  return b;
+}
+
+}  // namespace engine
+}  // namespace qk

@@ -1,0 +1,276 @@
+/**
+ * The native model (csrc/model, csrc/napi/engine_napi.cpp): Llama-family and OPT decoders over
+ * frozen NF4 / f16 / bf16 / f32 weights referenced in place, unmerged LoRA adapters mixed per
+ * batch row, a per-sequence KV cache; plus the sampling kernel. Design: docs/engine.md.
+ */
+import { FailedPrecondition, InvalidArgument, NotFound, QloraError, ResourceExhausted } from "@qlora/core";
+import { native } from "./native.js";
+import type { WeightTensor } from "./tensor.js";
+
+export interface RopeScalingLlama3 {
+  type: "llama3";
+  factor: number;
+  lowFreqFactor: number;
+  highFreqFactor: number;
+  originalMaxPositions: number;
+}
+
+export interface EngineConfig {
+  arch: "llama" | "opt";
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  vocabSize: number;
+  maxPositions: number;
+  normEps: number;
+  ropeTheta: number;
+  ropeScaling?: RopeScalingLlama3 | null;
+  hiddenAct: "silu" | "relu" | "gelu";
+  /** lm_head = embed_tokens */
+  tiedEmbeddings: boolean;
+  /** Llama attention_bias → all four attention projections; Qwen2: qkv only; OPT: all true. */
+  qkvBias: boolean;
+  oBias: boolean;
+  mlpBias: boolean;
+  /** OPT: pre-LayerNorm when true (default), post-LN otherwise. */
+  doLayerNormBefore?: boolean;
+}
+
+export interface EngineOptions {
+  /** KV-cache slots (default 8). Each slot's cache is allocated on its first createSequence. */
+  maxSequences?: number;
+  /** Tokens per sequence (default min(maxPositions, 2048)). */
+  maxContext?: number;
+}
+
+export interface LoraModuleWeights {
+  /** lora_A [rank, in], row-major */
+  a: Float32Array;
+  /** lora_B [out, rank], row-major */
+  b: Float32Array;
+  rank: number;
+}
+
+export interface EngineAdapter {
+  /** lora_alpha / r (or / sqrt(r) with rsLoRA) */
+  scaling: number;
+  /** keyed by module path, e.g. "layers.0.self_attn.q_proj" (OPT: "layers.0.fc1", ...) */
+  modules: Record<string, LoraModuleWeights>;
+}
+
+export interface ForwardRow {
+  seq: number;
+  tokens: Int32Array;
+  /** adapter slot, or -1 for the base model */
+  adapter: number;
+}
+
+export interface ForwardOptions {
+  /** logits for every token ([total tokens, vocab], rows in the given order) instead of each row's last */
+  allLogits?: boolean;
+  /** write the logits here (must be large enough) instead of a fresh array; it is returned */
+  out?: Float32Array;
+}
+
+export interface SamplingParams {
+  /** 0 = greedy (argmax, ties → lowest id) */
+  temperature: number;
+  /** <= 0: off */
+  topK: number;
+  /** >= 1: off; nucleus after top-k, renormalised */
+  topP: number;
+  /** 1: off; HF semantics over `recent` ids: logit > 0 ? logit / p : logit · p */
+  repetitionPenalty: number;
+}
+
+/** Maps a native error (its `code` property) to the @qlora/core error classes. */
+function rethrow(e: unknown): never {
+  if (e instanceof QloraError || !(e instanceof Error)) throw e;
+  const code = (e as Error & { code?: string }).code;
+  switch (code) {
+    case "INVALID_ARGUMENT":
+      throw new InvalidArgument(e.message, { cause: e });
+    case "NOT_FOUND":
+      throw new NotFound(e.message, { cause: e });
+    case "RESOURCE_EXHAUSTED":
+      throw new ResourceExhausted(e.message, { cause: e });
+    case "FAILED_PRECONDITION":
+      throw new FailedPrecondition(e.message, { cause: e });
+    default:
+      throw e;
+  }
+}
+
+let modelClass: (new (config: EngineConfig, weights: Record<string, WeightTensor>, options: EngineOptions) => any) | undefined;
+
+export class NativeModel {
+  readonly config: EngineConfig;
+  readonly maxSequences: number;
+  readonly maxContext: number;
+  #m: any;
+
+  constructor(config: EngineConfig, weights: Record<string, WeightTensor>, options: EngineOptions = {}) {
+    modelClass ??= native.engineModelClass();
+    try {
+      this.#m = new modelClass!(config, weights, options);
+    } catch (e) {
+      rethrow(e);
+    }
+    this.config = { ...config };
+    const info = this.#m.info();
+    this.maxSequences = info.maxSequences;
+    this.maxContext = info.maxContext;
+  }
+
+  /** A KV-cache slot; throws ResourceExhausted when all maxSequences are in use. */
+  createSequence(): number {
+    try {
+      return this.#m.createSequence();
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  dropSequence(seq: number): void {
+    try {
+      this.#m.dropSequence(seq);
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  sequenceLength(seq: number): number {
+    try {
+      return this.#m.sequenceLength(seq);
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  /** Forgets the cached tokens from `length` on (0 <= length <= sequenceLength). */
+  truncateSequence(seq: number, length: number): void {
+    try {
+      this.#m.truncateSequence(seq, length);
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  /** Installs (or replaces) the adapter in `slot`; its arrays are referenced, not copied. */
+  setAdapter(slot: number, adapter: EngineAdapter): void {
+    try {
+      this.#m.setAdapter(slot, adapter);
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  removeAdapter(slot: number): void {
+    try {
+      this.#m.removeAdapter(slot);
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  /**
+   * One step for a batch: each row appends its tokens to its sequence's cache at [len, len+n).
+   * Returns logits [rows, vocab] of each row's last token, or [total tokens, vocab] with allLogits.
+   */
+  forward(rows: ForwardRow[], options?: ForwardOptions): Float32Array {
+    try {
+      return this.#m.forward(rows, options?.allLogits === true, options?.out);
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  /** Mean next-token cross-entropy of `tokens` (BOS included), vocab-chunked, on a temporary sequence. */
+  crossEntropy(tokens: Int32Array, adapter: number): { loss: number; tokens: number } {
+    try {
+      return this.#m.crossEntropy(tokens, adapter);
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  /** Weights (as referenced), KV caches allocated so far, adapters, tables and scratch. */
+  residentBytes(): number {
+    try {
+      return this.#m.residentBytes();
+    } catch (e) {
+      rethrow(e);
+    }
+  }
+
+  /** Frees the native state and releases the weight / adapter arrays; later calls throw. */
+  dispose(): void {
+    this.#m.dispose();
+  }
+}
+
+/**
+ * Samples the next token from logits[offset, offset+vocab). `rng` (from seedRng) is advanced in
+ * place: the same seed and logits give the same tokens.
+ */
+export function sampleToken(
+  logits: Float32Array,
+  offset: number,
+  vocab: number,
+  params: SamplingParams,
+  recent: Int32Array | null,
+  rng: BigUint64Array,
+): number {
+  try {
+    return native.engineSampleToken(logits, offset, vocab, params, recent, rng);
+  } catch (e) {
+    rethrow(e);
+  }
+}
+
+/** xoshiro256** state (4 × u64) expanded from `seed` by splitmix64. */
+export function seedRng(seed: bigint): BigUint64Array {
+  try {
+    return native.engineSeedRng(BigInt.asUintN(64, seed));
+  } catch (e) {
+    rethrow(e);
+  }
+}
+
+/** The engine's building-block kernels, exposed for tests and benchmarks (fresh output arrays). */
+export const engineOps = {
+  rmsNorm(x: Float32Array, w: Float32Array, rows: number, dim: number, eps: number): Float32Array {
+    return native.engineOpRmsNorm(x, w, rows, dim, eps);
+  },
+  layerNorm(x: Float32Array, w: Float32Array | null, b: Float32Array | null, rows: number, dim: number, eps: number): Float32Array {
+    return native.engineOpLayerNorm(x, w, b, rows, dim, eps);
+  },
+  ropeInvFreq(headDim: number, theta: number, scaling: RopeScalingLlama3 | null): Float32Array {
+    return native.engineOpRopeInvFreq(headDim, theta, scaling);
+  },
+  /** x [T, nHeads·headDim] rotated at positions pos[t] (rotate_half convention). */
+  rope(x: Float32Array, T: number, nHeads: number, headDim: number, pos: Int32Array, theta: number, scaling: RopeScalingLlama3 | null): Float32Array {
+    return native.engineOpRope(x, T, nHeads, headDim, pos, theta, scaling);
+  },
+  activation(kind: "silu" | "relu" | "gelu", x: Float32Array): Float32Array {
+    return native.engineOpActivation(kind, x);
+  },
+  /** act(gate) · up */
+  gatedActivation(kind: "silu" | "relu" | "gelu", gate: Float32Array, up: Float32Array): Float32Array {
+    return native.engineOpGatedActivation(kind, gate, up);
+  },
+  softmax(x: Float32Array, rows: number, n: number): Float32Array {
+    return native.engineOpSoftmax(x, rows, n);
+  },
+  /** q [T, nHeads·hd] over one cache k/v [ctx, nKvHeads·hd]; token t sees rows 0..pos[t]. */
+  attention(q: Float32Array, k: Float32Array, v: Float32Array, pos: Int32Array, nHeads: number, nKvHeads: number, headDim: number, scale: number): Float32Array {
+    return native.engineOpAttention(q, k, v, pos, nHeads, nKvHeads, headDim, scale);
+  },
+  /** rows ids of a [rows, cols] table in any weight dtype, as fp32 [T, cols] */
+  embedding(table: WeightTensor, ids: Int32Array): Float32Array {
+    return native.engineOpEmbedding(table, ids);
+  },
+};

@@ -1,0 +1,186 @@
+/**
+ * Checkpoint → NativeModel.
+ *
+ * - Original checkpoints (F32/F16/BF16) with quant "nf4": every decoder-layer linear weight is
+ *   quantized to NF4 as it is read (bitsandbytes `load_in_4bit`), one tensor at a time, so the
+ *   full-precision model never exists in memory: the peak is the packed model plus one tensor.
+ *   Embeddings, lm_head, norms and biases stay as stored (the engine takes f16/bf16 as is).
+ * - Pre-quantized checkpoints (bitsandbytes layout written by `qlora quantize`): NF4 straight from
+ *   disk, double quantization resolved to float32 absmax by the formats reader.
+ * - quant "none": full precision as stored. A pre-quantized checkpoint has no full precision to
+ *   keep; its NF4 weights are dequantized to float32 (the exact values the NF4 path computes with),
+ *   which makes it a reference for the packed kernels.
+ */
+import { join } from "node:path";
+import { InvalidArgument, NotFound } from "@qlora/core";
+import { HfCheckpoint, expectedWeights, readJsonFile, type ModelConfig } from "@qlora/formats";
+import { NativeModel, dequantizeNf4, quantizeNf4, checkNf4Blocksize, type EngineConfig } from "@qlora/kernels";
+import { engineConfigFor } from "./engine-config.js";
+import { loadTokenizer, type ModelTokenizer } from "./tokenizer.js";
+import { samplingDefaults } from "./sampling.js";
+
+/** The weight tensor the engine takes (structurally @qlora/kernels' WeightTensor). */
+type EngineWeights = ConstructorParameters<typeof NativeModel>[1];
+type EngineTensor = EngineWeights[string];
+
+export type QuantMode = "nf4" | "none";
+
+export interface LoadModelOptions {
+  /** "nf4" (default): decoder linears in NF4; "none": full precision. */
+  quant?: QuantMode;
+  /** NF4 block size when quantizing while loading (default 64, as bitsandbytes). */
+  blocksize?: number;
+  /** KV-cache slots (sequences decoded at the same time). */
+  maxSequences?: number;
+  /** Tokens per sequence (prompt + generated); default min(max_position_embeddings, 2048). */
+  maxContext?: number;
+}
+
+export interface LoadStats {
+  /** Where the linear weights came from: quantized while loading, NF4 on disk, or as stored. */
+  source: "quantized-on-load" | "prequantized" | "dense";
+  /** Linear weights handed to the engine as NF4. */
+  nf4Tensors: number;
+  /** Bytes of weights handed to the engine (packed NF4 + absmax, dense as stored). */
+  weightBytes: number;
+  loadMs: number;
+}
+
+export class LoadedModel {
+  private disposed = false;
+
+  constructor(
+    readonly dir: string,
+    readonly config: ModelConfig,
+    readonly engineConfig: EngineConfig,
+    readonly native: NativeModel,
+    readonly tokenizer: ModelTokenizer,
+    readonly quant: QuantMode,
+    /** generation_config.json as read (null when absent). */
+    readonly generationConfig: Record<string, unknown> | null,
+    /** Token ids that end generation (config.json ∪ generation_config.json ∪ tokenizer eos). */
+    readonly eosTokenIds: readonly number[],
+    readonly stats: LoadStats,
+  ) {}
+
+  get vocabSize(): number {
+    return this.engineConfig.vocabSize;
+  }
+
+  /** Tokens one sequence may hold (prompt + generated). */
+  get maxContext(): number {
+    return this.native.maxContext;
+  }
+
+  /** Sampling defaults from generation_config.json (greedy unless it says do_sample). */
+  get samplingDefaults(): ReturnType<typeof samplingDefaults> {
+    return samplingDefaults(this.generationConfig);
+  }
+
+  /** Bytes the engine holds: weights, KV caches allocated so far, adapters, scratch. */
+  residentBytes(): number {
+    return this.native.residentBytes();
+  }
+
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    this.native.dispose();
+  }
+}
+
+function idList(v: unknown): number[] {
+  if (typeof v === "number" && Number.isSafeInteger(v) && v >= 0) return [v];
+  if (Array.isArray(v)) return v.filter((x): x is number => typeof x === "number" && Number.isSafeInteger(x) && x >= 0);
+  return [];
+}
+
+async function readOptionalJson(path: string): Promise<Record<string, unknown> | null> {
+  try {
+    const v = await readJsonFile(path);
+    return typeof v === "object" && v !== null && !Array.isArray(v) ? (v as Record<string, unknown>) : null;
+  } catch (e) {
+    if (e instanceof NotFound) return null;
+    throw e;
+  }
+}
+
+function tensorBytes(t: EngineTensor): number {
+  return t.data.byteLength + (t.absmax?.byteLength ?? 0);
+}
+
+/** Load a Hugging Face checkpoint directory (see the file comment for the quant modes). */
+export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<LoadedModel> {
+  const quant = options.quant ?? "nf4";
+  if (quant !== "nf4" && quant !== "none") throw new InvalidArgument(`quant must be "nf4" or "none", got ${JSON.stringify(quant)}`);
+  const blocksize = options.blocksize ?? 64;
+  checkNf4Blocksize(blocksize);
+  const t0 = performance.now();
+
+  const ck = await HfCheckpoint.open(dir);
+  let tokenizer: ModelTokenizer;
+  let generationConfig: Record<string, unknown> | null;
+  try {
+    // Cheap files first: a directory without a usable tokenizer fails before any weight is read.
+    tokenizer = await loadTokenizer(dir);
+    generationConfig = await readOptionalJson(join(dir, "generation_config.json"));
+  } catch (e) {
+    await ck.close();
+    throw e;
+  }
+  let native: NativeModel;
+  let engineConfig: EngineConfig;
+  let stats: LoadStats;
+  try {
+    engineConfig = engineConfigFor(ck.config);
+    const linear = new Set(ck.linearWeights());
+    const weights: EngineWeights = {};
+    let nf4Tensors = 0;
+    let weightBytes = 0;
+    for (const [name, expected] of expectedWeights(ck.config)) {
+      // A tied lm_head is embed_tokens; a stored copy (OPT files carry one) is not read.
+      if (name === "lm_head" && engineConfig.tiedEmbeddings) continue;
+      if (!expected.required && !ck.has(name)) continue;
+      let t: EngineTensor = await ck.readWeight(name);
+      if (t.dtype === "nf4") {
+        if (quant === "none") {
+          const n = t.shape.reduce((a, b) => a * b, 1);
+          const dense = dequantizeNf4(t.data, t.absmax!, n, t.blocksize!);
+          t = { dtype: "f32", shape: t.shape, data: new Uint8Array(dense.buffer, dense.byteOffset, dense.byteLength) };
+        }
+      } else if (quant === "nf4" && linear.has(name)) {
+        const n = t.shape.reduce((a, b) => a * b, 1);
+        const q = quantizeNf4(t.data, t.dtype, n, blocksize);
+        // The dense bytes are dropped here: only the packed copy outlives this iteration.
+        t = { dtype: "nf4", shape: t.shape, data: q.packed, absmax: q.absmax, blocksize };
+      }
+      if (t.dtype === "nf4") nf4Tensors++;
+      weightBytes += tensorBytes(t);
+      weights[name] = t;
+    }
+    const maxPos = ck.config.maxPositionEmbeddings;
+    const maxContext = options.maxContext ?? Math.min(maxPos, 2048);
+    if (!Number.isSafeInteger(maxContext) || maxContext < 2 || maxContext > maxPos) {
+      throw new InvalidArgument(`maxContext must be an integer in 2..${maxPos} (max_position_embeddings), got ${maxContext}`);
+    }
+    const engineOptions: { maxContext: number; maxSequences?: number } = { maxContext };
+    if (options.maxSequences !== undefined) engineOptions.maxSequences = options.maxSequences;
+    native = new NativeModel(engineConfig, weights, engineOptions);
+    stats = {
+      source: ck.prequantized ? "prequantized" : quant === "nf4" ? "quantized-on-load" : "dense",
+      nf4Tensors,
+      weightBytes,
+      loadMs: 0,
+    };
+  } finally {
+    await ck.close();
+  }
+
+  const eos = new Set<number>([
+    ...idList(ck.config.eosTokenId),
+    ...idList(generationConfig?.eos_token_id),
+    ...(tokenizer.eosTokenId !== null ? [tokenizer.eosTokenId] : []),
+  ]);
+  stats.loadMs = performance.now() - t0;
+  return new LoadedModel(dir, ck.config, engineConfig, native, tokenizer, quant, generationConfig, [...eos], stats);
+}
