@@ -1,5 +1,5 @@
 // Inference service benchmark (run by `npm run bench`, or alone: node bench/inference.bench.mjs).
-// A random-weight OPT-125m-shaped checkpoint (bench/make-random-checkpoint.mjs) served NF4 by
+// A random-weight OPT-125m-shaped checkpoint (bench/checkpoints.mjs cache) served NF4 by
 // the real service (engine worker + continuous batching) through a gRPC client, for 1 and 2
 // kernel threads:
 //   - decode tokens/s at batch 1 and batch 8 (8 concurrent requests, summed);
@@ -11,9 +11,7 @@
 //   - peak RSS of the process (the worker runs in it).
 // Env: BENCH_PRESET (opt-125m), BENCH_TOKENS (decode tokens per request, 32), BENCH_THREADS
 // ("1,2"), BENCH_REPEATS (3: interleaved repeats, medians reported), QLORA_BENCH_DIR (where checkpoints and the store live; default $TMPDIR/qlora-bench).
-import { mkdir, rm } from "node:fs/promises";
-import { existsSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdir, readlink, rm, symlink } from "node:fs/promises";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
@@ -22,12 +20,12 @@ import { inferenceService } from "@qlora/inference";
 import { InferenceService } from "@qlora/proto";
 import { startServer } from "@qlora/rpc";
 import { LocalStore } from "@qlora/store";
-import { makeRandomCheckpoint, PRESETS } from "./make-random-checkpoint.mjs";
+import { benchCacheDir, ensureCheckpoint, PRESETS } from "./checkpoints.mjs";
 
 const preset = process.env.BENCH_PRESET ?? "opt-125m";
 const TOKENS = Number(process.env.BENCH_TOKENS ?? 32);
 const THREADS = (process.env.BENCH_THREADS ?? "1,2").split(",").map(Number);
-const root = join(process.env.QLORA_BENCH_DIR ?? join(tmpdir(), "qlora-bench"), "store");
+const root = join(benchCacheDir(), "inference-store");
 const MODEL = `${preset}-random`;
 const N_ADAPTERS = 8;
 const RANK = 16;
@@ -152,9 +150,13 @@ const t0 = Date.now();
 const store = new LocalStore(root);
 await mkdir(join(root, "models"), { recursive: true });
 await mkdir(join(root, "adapters"), { recursive: true });
-const modelDir = join(root, "models", MODEL);
-if (!existsSync(join(modelDir, "tokenizer.json"))) await rm(modelDir, { recursive: true, force: true });
-await makeRandomCheckpoint(preset, modelDir);
+// The store names the shared cached checkpoint through a link instead of holding a copy.
+const { dir: checkpoint } = await ensureCheckpoint(preset);
+const modelLink = join(root, "models", MODEL);
+if ((await readlink(modelLink).catch(() => null)) !== checkpoint) {
+  await rm(modelLink, { recursive: true, force: true });
+  await symlink(checkpoint, modelLink, "dir");
+}
 const cfg = parseModelConfig(PRESETS[preset]);
 const adapters = await makeAdapters(store, cfg);
 console.log(`inference service, ${preset} shapes (random weights, NF4), ${TOKENS} new tokens per request, rank-${RANK} q/v adapters`);

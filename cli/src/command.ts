@@ -4,6 +4,9 @@
  * A command is one file in src/commands/ exporting a `Command` (use defineCommand for type
  * checking), registered by one `export … from` line in src/commands/index.ts. Parsing is node:util
  * parseArgs in strict mode; `--help` and `--json` are added to every command.
+ *
+ * Every command module is loaded for `qlora --help`, so a command should import packages that load
+ * the native kernels (@qlora/model, @qlora/quantizer, …) inside run(), with `await import(…)`.
  */
 import { parseArgs } from "node:util";
 import { QloraError } from "@qlora/core";

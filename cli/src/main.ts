@@ -15,6 +15,10 @@ process.on("SIGINT", onSignal);
 process.on("SIGTERM", onSignal);
 
 const code = await runCli(process.argv.slice(2), undefined, ctrl.signal);
+process.exitCode = code;
+// The command is done: a signal arriving while the process winds down just exits with its code.
 process.off("SIGINT", onSignal);
 process.off("SIGTERM", onSignal);
-process.exitCode = code;
+const exitNow = () => process.exit(code);
+process.on("SIGINT", exitNow);
+process.on("SIGTERM", exitNow);

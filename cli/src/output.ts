@@ -53,7 +53,8 @@ export function progressReporter(io: Io, opts: { json: boolean; unit: string; in
     const pct = `${Math.floor(frac * 100)}%`.padStart(4);
     const counts = `${p.done}/${p.total} ${opts.unit}  ${formatBytes(p.bytesDone)}/${formatBytes(p.bytesTotal)}`;
     if (!io.isTTY) return `${pct} ${counts}  ${p.label}`;
-    const barWidth = Math.max(10, Math.min(30, width - counts.length - 12));
+    // Leave about 25 columns for the tensor name; the bar shrinks first.
+    const barWidth = Math.max(10, Math.min(30, width - counts.length - 12 - 25));
     const filled = Math.round(frac * barWidth);
     const bar = `[${"#".repeat(filled)}${"-".repeat(barWidth - filled)}]`;
     const text = `${bar} ${pct} ${counts}  ${p.label}`;

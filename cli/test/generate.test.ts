@@ -8,7 +8,7 @@ import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { basename, dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 
 const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
 const main = join(repoRoot, "cli/dist/src/main.js");
@@ -23,7 +23,10 @@ interface Run {
 
 function qlora(args: string[], cwd = repoRoot): Promise<Run> {
   return new Promise((done, fail) => {
-    const p = spawn(process.execPath, [main, ...args], { cwd, env: { ...process.env, QLORA_DEBUG: "" } });
+    // One kernel thread unless the caller chose: these runs check the command line, and a tiny
+    // model gains nothing from threads on a shared 2-core machine.
+    const env = { ...process.env, QLORA_DEBUG: "", QLORA_THREADS: process.env.QLORA_THREADS ?? "1" };
+    const p = spawn(process.execPath, [main, ...args], { cwd, env });
     let stdout = "";
     let stderr = "";
     p.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
@@ -94,21 +97,43 @@ test("qlora eval --json: the reference cross-entropy", { skip }, async () => {
   }
 });
 
+/** In-process run (error paths need no fresh process): exit code and captured output. */
+async function qloraInProcess(args: string[]): Promise<Run> {
+  const { runCli } = (await import(pathToFileURL(join(repoRoot, "cli/dist/src/cli.js")).href)) as {
+    runCli(argv: string[], io: unknown, signal?: AbortSignal): Promise<number>;
+  };
+  let stdout = "";
+  let stderr = "";
+  const io = {
+    stdout: { write: (s: string) => (stdout += s) },
+    stderr: { write: (s: string) => (stderr += s) },
+    isTTY: false,
+    columns: 80,
+    env: { ...process.env, QLORA_DEBUG: "" },
+    cwd: repoRoot,
+  };
+  const code = await runCli(args, io);
+  return { code, stdout, stderr };
+}
+
 test("bad input: missing model, missing prompt, bad option values", async () => {
   const missing = await qlora(["generate", "--model", "/nonexistent/model", "--prompt", "hi", "--json"]);
   assert.equal(missing.code, 1);
   assert.equal((JSON.parse(missing.stderr) as { error: { code: string } }).error.code, "NOT_FOUND");
-  const human = await qlora(["eval", "--model", "/nonexistent/model", "--data", join(repoRoot, "package.json")]);
+  const human = await qloraInProcess(["eval", "--model", "/nonexistent/model", "--data", join(repoRoot, "package.json")]);
   assert.notEqual(human.code, 0);
   assert.match(human.stderr, /^qlora eval: /);
 
-  const noPrompt = await qlora(["generate", "--model", stories]);
+  const noPrompt = await qloraInProcess(["generate", "--model", stories]);
   assert.equal(noPrompt.code, 2);
   assert.match(noPrompt.stderr, /--prompt is required/);
-  const badTemp = await qlora(["generate", "--model", stories, "--prompt", "x", "--temperature", "hot"]);
+  const badTemp = await qloraInProcess(["generate", "--model", stories, "--prompt", "x", "--temperature", "hot"]);
   assert.equal(badTemp.code, 2);
-  const badQuant = await qlora(["generate", "--model", stories, "--prompt", "x", "--quant", "int8"]);
+  assert.match(badTemp.stderr, /--temperature must be a number/);
+  const badQuant = await qloraInProcess(["generate", "--model", stories, "--prompt", "x", "--quant", "int8"]);
   assert.equal(badQuant.code, 2);
+  const badSeed = await qloraInProcess(["generate", "--model", stories, "--prompt", "x", "--seed", "-3"]);
+  assert.equal(badSeed.code, 2);
 });
 
 test("qlora generate --adapter: a broken adapter is a clear error", { skip }, async () => {
@@ -116,7 +141,7 @@ test("qlora generate --adapter: a broken adapter is a clear error", { skip }, as
   try {
     writeFileSync(join(dir, "adapter_config.json"), JSON.stringify({ peft_type: "LORA", r: 2, lora_alpha: 4, target_modules: ["q_proj"] }));
     writeFileSync(join(dir, "adapter_model.safetensors"), Buffer.from("not a safetensors file"));
-    const run = await qlora(["generate", "--model", stories, "--adapter", dir, "--prompt", "x", "--json"]);
+    const run = await qloraInProcess(["generate", "--model", stories, "--adapter", dir, "--prompt", "x", "--json"]);
     assert.equal(run.code, 2, run.stderr);
     assert.equal((JSON.parse(run.stderr) as { error: { code: string } }).error.code, "INVALID_ARGUMENT");
   } finally {

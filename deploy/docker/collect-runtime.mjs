@@ -6,11 +6,14 @@
 //   <workspace>/package.json, <workspace>/dist/src/ (compiled JavaScript; dist/test is left out)
 //   <workspace>/node_modules/                       (nested production deps, when npm made any)
 //   <workspace>/build/Release/*.node                (the native addon; objects and Makefiles left out)
+// In node_modules, node-gyp build folders (those with a config.gypi) keep only Release/*.node:
+// object files, static libraries and Makefiles are not needed to load an addon (better-sqlite3's
+// are about 20 MB).
 // Fails when a workspace has no compiled output, so a broken build cannot produce an image that
 // only fails at run time.
 // Usage: node deploy/docker/collect-runtime.mjs OUT
 import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
-import { join } from "node:path";
+import { dirname, join, relative, sep } from "node:path";
 
 const out = process.argv[2];
 if (!out) {
@@ -18,16 +21,38 @@ if (!out) {
   process.exit(2);
 }
 const root = process.cwd();
+// node-gyp output folders under node_modules (marked by build/config.gypi); symlinks (the
+// workspace links in node_modules/@qlora) are not followed.
+const gypBuildDirs = new Set();
+const findGyp = (dir) => {
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    if (!e.isDirectory()) continue;
+    const p = join(dir, e.name);
+    if (e.name === "build" && existsSync(join(p, "config.gypi"))) gypBuildDirs.add(p);
+    else findGyp(p);
+  }
+};
+/** Inside a node-gyp build folder keep only Release/ and the .node files in it. */
+const keep = (src) => {
+  for (const b of gypBuildDirs) {
+    if (src === b) return true;
+    if (!src.startsWith(b + sep)) continue;
+    const rel = relative(b, src);
+    return rel === "Release" || (dirname(rel) === "Release" && rel.endsWith(".node"));
+  }
+  return true;
+};
 const copy = (rel) => {
   const src = join(root, rel);
   if (!existsSync(src)) return false;
   // verbatimSymlinks: node_modules/@qlora/* are relative links to the workspaces; keep them as is.
-  cpSync(src, join(out, rel), { recursive: true, verbatimSymlinks: true });
+  cpSync(src, join(out, rel), { recursive: true, verbatimSymlinks: true, filter: keep });
   return true;
 };
 
 const pkg = JSON.parse(readFileSync(join(root, "package.json"), "utf8"));
 mkdirSync(out, { recursive: true });
+if (existsSync(join(root, "node_modules"))) findGyp(join(root, "node_modules"));
 copy("package.json");
 if (!copy("node_modules")) throw new Error("node_modules is missing: run npm ci first");
 

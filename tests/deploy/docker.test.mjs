@@ -80,6 +80,8 @@ for (const file of dockerfiles) {
       assert.equal(effective(stages, "runtime", "VOLUME"), '["/data"]');
       assert.equal(effective(stages, "runtime", "EXPOSE"), "8080");
       assert.match(effective(stages, "runtime", "ENV"), /TMPDIR=\/tmp/);
+      // The CLI binds 127.0.0.1 by default, unreachable from outside the container.
+      assert.match(effective(stages, "runtime", "CMD"), /"--host", "0\.0\.0\.0"/);
       assert.equal(effective(stages, "dev", "USER"), "10001:10001", "the dev image runs as the same user");
     });
 
@@ -91,8 +93,15 @@ for (const file of dockerfiles) {
       }
       const build = stages.find((s) => s.name === "build");
       const runs = build.instructions.filter((i) => i.op === "RUN").map((i) => i.args).join("\n");
-      for (const step of ["npm ci", "npm rebuild", "npm run build", "npm prune --omit=dev", "collect-runtime.mjs /out"])
+      for (const step of ["npm ci --ignore-scripts", "npm rebuild", "npm run build", "npm prune --omit=dev", "collect-runtime.mjs /out"])
         assert.ok(runs.includes(step), `build stage runs ${step}`);
+      // Dependencies (and their slow install scripts) are installed before the sources are copied,
+      // so a source change does not reinstall or recompile them.
+      const ops = build.instructions.map((i) => `${i.op} ${i.args}`);
+      const deps = ops.findIndex((o) => o.includes("npm ci"));
+      const sources = ops.indexOf("COPY . .");
+      assert.ok(deps >= 0 && sources > deps && ops[deps].includes("npm rebuild"), "npm ci + npm rebuild <deps> come before COPY . .");
+      assert.ok(ops.slice(0, deps).every((o) => !o.startsWith("COPY . ")), "only manifests are copied before npm ci");
       assert.ok(runs.includes("rm -rf libs/*/dist services/*/dist cli/dist"), "host dist/ output is dropped before building");
     });
 

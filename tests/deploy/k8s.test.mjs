@@ -157,6 +157,9 @@ function checkInvariants(objs, { writableRoot = [], selfContained = false, requi
     }
     if (!c.ports?.some((p) => p.name === "grpc" && p.containerPort === 8080)) fail(d, "no container port grpc/8080");
     if (!c.args?.includes(name) || c.args?.[c.args.indexOf("--services") + 1] !== name) fail(d, `args do not select --services ${name}`);
+    // `qlora serve` binds 127.0.0.1 unless told otherwise: unreachable for probes and the Service.
+    if (c.args?.[c.args.indexOf("--host") + 1] !== "0.0.0.0") fail(d, "args do not bind --host 0.0.0.0");
+    if (c.args?.[c.args.indexOf("--port") + 1] !== "8080") fail(d, "args do not set --port 8080");
     if (!c.volumeMounts?.some((m) => m.mountPath === "/tmp")) fail(d, "no writable /tmp mount");
     if (!c.volumeMounts?.some((m) => m.mountPath === "/data")) fail(d, "no /data mount");
     const s = find(objs, "Service", name);

@@ -2,3 +2,4 @@ export * from "./runtime.js";
 export * from "./nf4.js";
 export * from "./engine.js";
 export * from "./tensor.js";
+export * from "./matmul.js";

@@ -358,6 +358,27 @@ test("edge cases: exact midpoints go to the lower code, zero blocks, odd n, NaN,
   for (const level of LEVELS) assertSame(withLevel(level, () => quantizeNf4(tied, "f32", 64, 64)).packed, wantTied.packed, `ties ${level}`);
 });
 
+test("values within 40 ULP of every midpoint (and of +-1, 0) get the oracle's code at every level", () => {
+  const vals: number[] = [];
+  const centers = [...NF4_MID, 1, -1, 0, fromBits(1), fromBits(0x80000001)];
+  for (const c of centers) {
+    for (let d = -40; d <= 40; d++) {
+      const b = bitsOf(c);
+      const v = fromBits(c === 0 ? (d >= 0 ? d : 0x80000000 - d) : b + d);
+      if (Math.abs(v) <= 1) vals.push(v);
+    }
+  }
+  // blocks of 64: element 0 is 1.0, so the scale is exactly 1 and the codes are taken on the values themselves
+  const blocks: number[] = [];
+  for (let i = 0; i < vals.length; i += 63) blocks.push(1, ...vals.slice(i, i + 63));
+  const x = Float32Array.from(blocks);
+  const want = oracleQuantize(Float64Array.from(x), x.length, 64);
+  for (const level of LEVELS) {
+    const got = withLevel(level, () => quantizeNf4(x, "f32", x.length, 64));
+    assertSame(got.packed, want.packed, `sweep ${level}`);
+  }
+});
+
 test("f16 input: every one of the 65536 bit patterns (NaN, inf, subnormals) quantizes like the oracle", () => {
   const n = 65536;
   const bytes = new Uint8Array(2 * n);

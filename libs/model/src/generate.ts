@@ -55,19 +55,40 @@ export function encodePrompt(model: Pick<LoadedModel, "tokenizer">, options: Pic
   return model.tokenizer.encode(options.prompt);
 }
 
+export interface SequenceRequest extends SamplingOptions {
+  maxNewTokens: number;
+  stop?: readonly string[];
+  /** Prompt + generated tokens allowed (default: the model's maxContext). */
+  maxTotalTokens?: number;
+}
+
+/**
+ * The per-request state a batching loop drives: validated sampling (model defaults from
+ * generation_config.json), the model's EOS ids, a native sampler with its own RNG, the
+ * incremental detokenizer and stop strings. `generate` uses exactly this.
+ */
+export function createSequenceState(model: LoadedModel, promptIds: ArrayLike<number>, request: SequenceRequest): SequenceState {
+  const sampling = resolveSampling(request, model.samplingDefaults);
+  return new SequenceState(
+    model.tokenizer,
+    promptIds,
+    {
+      maxNewTokens: request.maxNewTokens,
+      stop: request.stop ?? [],
+      eosTokenIds: model.eosTokenIds,
+      maxTotalTokens: Math.min(request.maxTotalTokens ?? model.maxContext, model.maxContext),
+    },
+    new NativeSampler(sampling, model.vocabSize),
+  );
+}
+
 export async function generate(model: LoadedModel, options: GenerateOptions): Promise<GenerateResult> {
   const t0 = performance.now();
   const adapter = options.adapterSlot ?? -1;
   if (!Number.isInteger(adapter) || adapter < -1) throw new InvalidArgument(`adapterSlot must be -1 (base) or a slot >= 0, got ${adapter}`);
   const maxNewTokens = options.maxNewTokens ?? DEFAULT_MAX_NEW_TOKENS;
   const promptIds = encodePrompt(model, options);
-  const sampling = resolveSampling(options, model.samplingDefaults);
-  const state = new SequenceState(
-    model.tokenizer,
-    promptIds,
-    { maxNewTokens, stop: options.stop ?? [], eosTokenIds: model.eosTokenIds, maxTotalTokens: model.maxContext },
-    new NativeSampler(sampling, model.vocabSize),
-  );
+  const state = createSequenceState(model, promptIds, { ...options, maxNewTokens });
 
   const native = model.native;
   const seq = native.createSequence();

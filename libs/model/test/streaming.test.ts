@@ -98,7 +98,7 @@ test("byte-level BPE (OPT/GPT-2 style): round trips and streaming deltas", async
     const ids = tok.encode("x 😀", { addSpecialTokens: false });
     const det = tok.createDetokenizer([0]);
     const deltas = ids.map((id) => det.push(id));
-    assert.deepEqual(deltas.slice(-4), ["", "", "", " 😀"].slice(-4).map((x, i, a) => (i === a.length - 1 ? x.trimStart() === "😀" ? deltas.at(-1)! : x : x)));
+    assert.deepEqual(deltas, ["x", " ", "", "", "", "😀"]);
     assert.equal(deltas.join(""), "x 😀");
   } finally {
     rmSync(d, { recursive: true, force: true });

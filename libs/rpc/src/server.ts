@@ -163,7 +163,11 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   h2.on("stream", (stream: http2.ServerHttp2Stream) => {
     stream.once("finish", () => {
       const timer = setTimeout(() => {
-        if (!stream.closed && !stream.destroyed) stream.close(http2.constants.NGHTTP2_NO_ERROR);
+        // The handler no longer reads the request (what the client sent meanwhile sits in a full
+        // flow-control window), so end the stream outright; RST_STREAM carries NO_ERROR.
+        if (stream.destroyed) return;
+        if (!stream.closed) stream.close(http2.constants.NGHTTP2_NO_ERROR);
+        stream.destroy();
       }, HALF_OPEN_RESET_MS);
       timer.unref();
       stream.once("close", () => clearTimeout(timer));

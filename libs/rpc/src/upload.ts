@@ -131,7 +131,10 @@ export async function receiveUpload(
         if (total > maxTotal) throw new ResourceExhausted(`upload is larger than the limit of ${maxTotal} bytes`);
         f.hash.update(chunk.data);
         f.size += chunk.data.length;
-        await f.handle.write(chunk.data);
+        // write() may report fewer bytes than asked; keep going until the chunk is on disk.
+        for (let off = 0; off < chunk.data.length; ) {
+          off += (await f.handle.write(chunk.data, off, chunk.data.length - off)).bytesWritten;
+        }
       }
       if (chunk.last) {
         open_.delete(rel);

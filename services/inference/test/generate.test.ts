@@ -78,6 +78,15 @@ test("quant NONE reproduces the reference greedy continuation token for token", 
   assert.ok(models.models.every((m) => m.residentBytes > 0n && m.modelType === "llama"));
 });
 
+test("the model may be left out: the adapter's base, or the only loaded model", { skip: skipNoStories }, async () => {
+  const want = await generate(ref, { prompt: PROMPT, adapterSlot: 0, maxNewTokens: 10, temperature: 0 });
+  const viaAdapter = await svc.client.generate({ adapter: "ad1", prompt: PROMPT, maxNewTokens: 10 });
+  assert.deepEqual(viaAdapter.tokenIds, want.tokenIds);
+  const base = await generate(ref, { prompt: PROMPT, maxNewTokens: 10, temperature: 0 });
+  const onlyLoaded = await svc.client.generate({ prompt: PROMPT, maxNewTokens: 10 });
+  assert.deepEqual(onlyLoaded.tokenIds, base.tokenIds);
+});
+
 test("seeded sampling: same seed, same output, equal to generate() with that seed", { skip: skipNoStories }, async () => {
   const sampling = { temperature: 0.9, topK: 40, topP: 0.95, repetitionPenalty: 1.1, seed: 1234n };
   const a = await svc.client.generate({ model: MODEL, adapter: "ad1", prompt: PROMPT, maxNewTokens: 30, sampling });
@@ -137,6 +146,13 @@ test("Score equals evaluate() (token-weighted mean CE), base and adapter; refere
       assert.ok(Math.abs(got.losses[i]! - one.loss) < 1e-9);
     }
   }
+  // A text longer than the 512-token context is scored in windows, exactly like evaluate().
+  const long = "Once upon a time, there was a little girl named Lily. She loved to play outside. ".repeat(40);
+  const longWant = await evaluate(ref, [long]);
+  assert.ok(longWant.tokens > 512);
+  const longGot = await svc.client.score({ model: MODEL, texts: [long] });
+  assert.ok(Math.abs(longGot.loss - longWant.loss) < 1e-9);
+  assert.equal(Number(longGot.tokens), longWant.tokens);
   const reference = JSON.parse(readFileSync(join(storiesDir, "reference.json"), "utf8")) as {
     cross_entropy: { text: string; mean_next_token_ce: number };
   };

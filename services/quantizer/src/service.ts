@@ -7,6 +7,7 @@
  * aborts the worker and discards the staging directory, so no half-written model ever appears.
  */
 import { create } from "@bufbuild/protobuf";
+import { ConnectError } from "@connectrpc/connect";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, isQloraError, NotFound, QloraError } from "@qlora/core";
 import { isValidBlocksize } from "@qlora/formats";
@@ -259,6 +260,8 @@ export function quantizerService(store: ArtifactStore, options: QuantizerService
           await writer.commit({ meta: { source_model: v.source } });
           committed = true;
         } catch (e) {
+          // Stopped by the server's shutdown (or the client): report that status, not "cancelled".
+          if (ctrl.signal.aborted && ctx.signal.reason instanceof ConnectError) throw ctx.signal.reason;
           // NOT_FOUND from the worker is about files inside the source (config.json missing…).
           const err = isQloraError(e) && e.code === "NOT_FOUND" ? storedModelError(e, v.source) : e;
           throw withoutPaths(err, [
@@ -313,7 +316,7 @@ export function quantizerService(store: ArtifactStore, options: QuantizerService
       async deleteModel(req) {
         if (!req.name) throw new InvalidArgument("name is required");
         validateName(req.name);
-        if (writing.has(req.name)) throw new AlreadyExists(`model "${req.name}" is being written; cancel that request first`);
+        if (writing.has(req.name)) throw new FailedPrecondition(`model "${req.name}" is being written; cancel that request first`);
         await store.delete("models", req.name);
         return {};
       },

@@ -11,11 +11,17 @@ import type { QuantizeProgress, QuantizeResult, QuantizeSettings } from "./quant
 /** The cloneable part of the settings (callbacks and signals stay in this thread). */
 export type WorkerSettings = Omit<QuantizeSettings, "onProgress" | "signal">;
 
-export type WorkerJob =
-  /** writeQuantizedCheckpoint into an existing empty directory (a store staging dir). */
-  | { mode: "staging"; stagingDir: string; settings: WorkerSettings }
-  /** quantizeCheckpoint to a new directory, atomically. */
-  | { mode: "dir"; outDir: string; overwrite?: boolean; settings: WorkerSettings };
+/**
+ * writeQuantizedCheckpoint into an existing empty directory (a store staging directory): the
+ * caller owns atomicity, and after a cancel it discards the directory once the thread is gone.
+ * (There is deliberately no mode writing a final directory in place: a cancel racing the end of
+ * the job could not then promise "nothing written".)
+ */
+export interface WorkerJob {
+  mode: "staging";
+  stagingDir: string;
+  settings: WorkerSettings;
+}
 
 export interface SerializedError {
   code?: ErrorCode;

@@ -1,12 +1,12 @@
 /**
  * Thread entry of a quantization (see worker-client.ts). Runs the job from workerData, posts
  * progress, then exactly one "result" or "error" message. An "abort" message from the parent
- * aborts the job's signal, so the quantizer stops between tensors and cleans up itself; the
- * parent only falls back to terminate() when that takes too long.
+ * aborts the job's signal, so the quantizer stops between tensors (the parent then discards the
+ * staging directory); the parent falls back to terminate() only when that takes too long.
  */
 import { parentPort, workerData } from "node:worker_threads";
 import { isQloraError } from "@qlora/core";
-import { quantizeCheckpoint, writeQuantizedCheckpoint, type QuantizeProgress } from "./quantize.js";
+import { writeQuantizedCheckpoint, type QuantizeProgress } from "./quantize.js";
 import type { WorkerJob, WorkerMessage, SerializedError } from "./worker-client.js";
 
 function serializeError(e: unknown): SerializedError {
@@ -26,10 +26,7 @@ const post = (m: WorkerMessage) => port.postMessage(m);
 
 try {
   const onProgress = (progress: QuantizeProgress) => post({ type: "progress", progress });
-  const result =
-    job.mode === "staging"
-      ? await writeQuantizedCheckpoint({ ...job.settings, stagingDir: job.stagingDir, onProgress, signal: ctrl.signal })
-      : await quantizeCheckpoint({ ...job.settings, outDir: job.outDir, overwrite: job.overwrite, onProgress, signal: ctrl.signal });
+  const result = await writeQuantizedCheckpoint({ ...job.settings, stagingDir: job.stagingDir, onProgress, signal: ctrl.signal });
   post({ type: "result", result });
 } catch (e) {
   post({ type: "error", error: serializeError(e) });

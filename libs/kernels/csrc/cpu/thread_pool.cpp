@@ -32,7 +32,10 @@ class ThreadPool {
     stop();
     nthreads_ = std::max(1, n);
     quit_ = false;
-    for (int i = 1; i < nthreads_; ++i) workers_.emplace_back([this, i] { workerLoop(i); });
+    // Each worker starts from the generation current now: reading it inside the new thread
+    // could miss a region started before the thread first runs (and hang the caller).
+    const uint64_t start = generation_.load(std::memory_order_acquire);
+    for (int i = 1; i < nthreads_; ++i) workers_.emplace_back([this, i, start] { workerLoop(i, start); });
   }
 
   void run(int64_t n, int64_t grain, const RangeFn& fn) {
@@ -56,7 +59,12 @@ class ThreadPool {
     }
     sleepCv_.notify_all();
     runPart(0);
-    while (pending_.load(std::memory_order_acquire) != 0) QK_PAUSE();
+    // Spin briefly (the other parts usually finish together), then yield so a worker that the
+    // OS has not scheduled yet (a loaded machine) gets the core instead of a spinning caller.
+    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < 4000) QK_PAUSE();
+      else std::this_thread::yield();
+    }
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -73,14 +81,14 @@ class ThreadPool {
     }
   }
 
-  void workerLoop(int index) {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+  void workerLoop(int index, uint64_t seen) {
     for (;;) {
-      // Spin a little (cheap wake-up for back-to-back regions), then sleep.
+      // Spin a little (cheap wake-up for back-to-back regions), yield a little, then sleep.
       uint64_t g;
       int spins = 0;
-      while ((g = generation_.load(std::memory_order_acquire)) == seen && spins < 20000) {
-        QK_PAUSE();
+      while ((g = generation_.load(std::memory_order_acquire)) == seen && spins < 6000) {
+        if (spins < 4000) QK_PAUSE();
+        else std::this_thread::yield();
         ++spins;
       }
       if (g == seen) {

@@ -12,7 +12,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/ops.h"
-#include "model/linear.h"
+#include "cpu/matmul.h"
 
 namespace qk {
 namespace engine {

@@ -42,7 +42,6 @@ function post(m: FromWorker): void {
   port.postMessage(m);
 }
 
-
 const keyOf = (name: string, quant: string) => `${name}\u0000${quant}`;
 
 function getHost(ref: ModelRef): Promise<ModelHost> {
@@ -121,22 +120,14 @@ async function startGenerate(id: number, job: GenerateJob): Promise<void> {
   const state = { cancelled: false };
   admitting.set(id, state);
   try {
-    const hostPromise = getHost(job.model);
-    const host = await hostPromise;
+    const host = await getHost(job.model);
     const req = await host.prepare(id, job, () => state.cancelled);
     if (req === null) {
-      post({
-        type: "step",
-        tokens: [],
-        done: [
-          {
-            id,
-            finishReason: "cancelled",
-            usage: { promptTokens: 0, completionTokens: 0 },
-            timings: { queueMs: Date.now() - job.receivedAt, timeToFirstTokenMs: 0, totalMs: Date.now() - job.receivedAt, tokensPerSecond: 0 },
-          },
-        ],
-      });
+      // Cancelled while it was being prepared: it never reached the scheduler.
+      const waited = Date.now() - job.receivedAt;
+      const timings = { queueMs: waited, timeToFirstTokenMs: 0, totalMs: waited, tokensPerSecond: 0 };
+      const done = { id, finishReason: "cancelled" as const, usage: { promptTokens: 0, completionTokens: 0 }, timings };
+      post({ type: "step", tokens: [], done: [done] });
       return;
     }
     host.scheduler.submit(req);

@@ -159,11 +159,7 @@ export class ModelHost {
       if (t.length === 0) throw new InvalidArgument(`texts[${i}] is empty`);
       const ids = this.model.encode(t);
       if (ids.length < 2) throw new InvalidArgument(`texts[${i}] encodes to fewer than 2 tokens: nothing to predict`);
-      if (ids.length > this.model.maxContext) {
-        throw new InvalidArgument(
-          `texts[${i}] has ${ids.length} tokens; model ${this.model.name} holds at most ${this.model.maxContext}`,
-        );
-      }
+      // Longer than the context is fine: it is scored in windows, like `qlora eval`.
       return Int32Array.from(ids);
     });
     let entry: AdapterEntry | null = null;

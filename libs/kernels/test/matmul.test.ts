@@ -1,0 +1,345 @@
+// linear / linearBackwardInput / gemm: the scalar path against a float64 TypeScript oracle (weights
+// decoded independently from their raw bytes), then every SIMD level against the scalar path.
+// Summation order differs between paths, so comparisons use an error bound relative to sum |a|·|b|.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import {
+  decodeWeight,
+  gemm,
+  linear,
+  linearBackwardInput,
+  quantizeNf4,
+  setSimd,
+  type SimdLevel,
+  type WeightTensor,
+} from "../src/index.js";
+
+const NF4_TABLE = [
+  -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635, -0.18477343022823334,
+  -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+  0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+].map(Math.fround);
+
+function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+function normals(n: number, seed: number, scale = 1): Float32Array {
+  const r = rng(seed);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = scale * Math.sqrt(-2 * Math.log(r() || 1e-12)) * Math.cos(2 * Math.PI * r());
+  return out;
+}
+function halfToNumber(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const e = (h >> 10) & 31;
+  const m = h & 1023;
+  if (e === 0) return sign * m * 2 ** -24;
+  if (e === 31) return m ? NaN : sign * Infinity;
+  return sign * (1 + m / 1024) * 2 ** (e - 15);
+}
+function toHalfBits(x: number): number {
+  // round-toward-zero, normal range only (test data is small)
+  const sign = x < 0 ? 0x8000 : 0;
+  const a = Math.abs(x);
+  if (a < 2 ** -14) return sign | Math.floor(a / 2 ** -24);
+  let e = Math.floor(Math.log2(a));
+  if (a >= 2 ** (e + 1)) e++;
+  if (a < 2 ** e) e--;
+  return sign | ((e + 15) << 10) | Math.floor((a / 2 ** e - 1) * 1024);
+}
+
+type DType = WeightTensor["dtype"];
+
+/** A random [N,K] weight of the given dtype, its raw bytes at an odd byte offset (safetensors). */
+function makeWeight(dtype: DType, N: number, K: number, seed: number, blocksize = 64): WeightTensor {
+  const vals = normals(N * K, seed, 0.05);
+  if (dtype === "nf4") {
+    const q = quantizeNf4(vals, "f32", N * K, blocksize);
+    return { dtype, shape: [N, K], data: q.packed, absmax: q.absmax, blocksize };
+  }
+  const es = dtype === "f32" ? 4 : 2;
+  const data = new Uint8Array(N * K * es + 1).subarray(1);
+  const dv = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  for (let i = 0; i < N * K; i++) {
+    if (dtype === "f32") dv.setFloat32(4 * i, vals[i]!, true);
+    else if (dtype === "f16") dv.setUint16(2 * i, toHalfBits(vals[i]!), true);
+    else {
+      f[0] = vals[i]!;
+      dv.setUint16(2 * i, u[0]! >>> 16, true);
+    }
+  }
+  return { dtype, shape: [N, K], data };
+}
+
+/** The oracle's view of W: float64 array decoded from the raw bytes. */
+function oracleWeight(w: WeightTensor): Float64Array {
+  const [N, K] = w.shape as [number, number];
+  const n = N * K;
+  const out = new Float64Array(n);
+  const dv = new DataView(w.data.buffer, w.data.byteOffset, w.data.byteLength);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  for (let i = 0; i < n; i++) {
+    switch (w.dtype) {
+      case "f32":
+        out[i] = dv.getFloat32(4 * i, true);
+        break;
+      case "f16":
+        out[i] = halfToNumber(dv.getUint16(2 * i, true));
+        break;
+      case "bf16":
+        u[0] = dv.getUint16(2 * i, true) << 16;
+        out[i] = f[0]!;
+        break;
+      case "nf4": {
+        const byte = w.data[i >> 1]!;
+        const code = i & 1 ? byte & 15 : byte >> 4;
+        out[i] = Math.fround(NF4_TABLE[code]! * w.absmax![Math.floor(i / (w.blocksize ?? 64))]!);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+/** y = x·Wᵀ (+bias) (+prev) in float64, with the per-element bound sum |x||w| (+|bias|+|prev|). */
+function oracleForward(x: Float32Array, M: number, W: Float64Array, N: number, K: number, bias?: Float32Array, prev?: Float32Array) {
+  const y = new Float64Array(M * N);
+  const mag = new Float64Array(M * N);
+  for (let m = 0; m < M; m++) {
+    for (let n = 0; n < N; n++) {
+      let s = 0;
+      let a = 0;
+      for (let k = 0; k < K; k++) {
+        const p = x[m * K + k]! * W[n * K + k]!;
+        s += p;
+        a += Math.abs(p);
+      }
+      if (bias) {
+        s += bias[n]!;
+        a += Math.abs(bias[n]!);
+      }
+      if (prev) {
+        s += prev[m * N + n]!;
+        a += Math.abs(prev[m * N + n]!);
+      }
+      y[m * N + n] = s;
+      mag[m * N + n] = a;
+    }
+  }
+  return { y, mag };
+}
+
+function oracleBackward(dy: Float32Array, M: number, W: Float64Array, N: number, K: number, prev?: Float32Array) {
+  const y = new Float64Array(M * K);
+  const mag = new Float64Array(M * K);
+  for (let m = 0; m < M; m++) {
+    for (let n = 0; n < N; n++) {
+      const g = dy[m * N + n]!;
+      for (let k = 0; k < K; k++) {
+        const p = g * W[n * K + k]!;
+        y[m * K + k] += p;
+        mag[m * K + k] += Math.abs(p);
+      }
+    }
+    if (prev) {
+      for (let k = 0; k < K; k++) {
+        y[m * K + k] += prev[m * K + k]!;
+        mag[m * K + k] += Math.abs(prev[m * K + k]!);
+      }
+    }
+  }
+  return { y, mag };
+}
+
+/** |got - want| <= rel * mag + abs: float32 accumulation of depth K has error ~ K·eps·sum|terms|. */
+function assertClose(got: Float32Array, want: Float64Array, mag: Float64Array, depth: number, what: string): void {
+  assert.equal(got.length, want.length, `${what}: length`);
+  const rel = Math.max(64, 2 * depth) * 2 ** -24;
+  for (let i = 0; i < want.length; i++) {
+    const err = Math.abs(got[i]! - want[i]!);
+    if (!(err <= rel * mag[i]! + 1e-30)) assert.fail(`${what}: at ${i}: ${got[i]} vs ${want[i]} (bound ${rel * mag[i]!})`);
+  }
+}
+
+const LEVELS: SimdLevel[] = (() => {
+  const seen = new Set<SimdLevel>();
+  for (const l of ["scalar", "avx2", "avx512"] as SimdLevel[]) seen.add(setSimd(l));
+  setSimd("avx512");
+  return [...seen];
+})();
+function withLevel<T>(level: SimdLevel, fn: () => T): T {
+  assert.equal(setSimd(level), level);
+  try {
+    return fn();
+  } finally {
+    setSimd("avx512");
+  }
+}
+
+// Shapes: M covers the M<=8 streaming kernels (each template) and the packed GEMM (9+, partial
+// tiles); K covers block-aligned rows (in-register NF4 decode) and odd K (rows straddling bytes
+// and blocks); N covers partial strips/panels (> 256 = more than one column panel).
+const SHAPES: Array<{ M: number; N: number; K: number; bs: number }> = [
+  { M: 1, N: 37, K: 64, bs: 64 },
+  { M: 1, N: 300, K: 512, bs: 128 },
+  { M: 2, N: 19, K: 96, bs: 32 },
+  { M: 3, N: 21, K: 33, bs: 32 },
+  { M: 4, N: 64, K: 4096, bs: 4096 },
+  { M: 5, N: 13, K: 77, bs: 64 },
+  { M: 6, N: 40, K: 128, bs: 64 },
+  { M: 7, N: 9, K: 101, bs: 32 },
+  { M: 8, N: 33, K: 192, bs: 64 },
+  { M: 9, N: 17, K: 64, bs: 64 },
+  { M: 13, N: 270, K: 65, bs: 64 },
+  { M: 37, N: 41, K: 300, bs: 128 },
+  { M: 20, N: 23, K: 4096 + 64, bs: 4096 },
+];
+
+test("linear: scalar = float64 oracle; every SIMD level = scalar; all dtypes, bias, accumulate", () => {
+  let seed = 1;
+  for (const { M, N, K, bs } of SHAPES) {
+    for (const dtype of ["nf4", "f32", "f16", "bf16"] as const) {
+      const w = makeWeight(dtype, N, K, seed++, bs);
+      const W = oracleWeight(w);
+      const x = normals(M * K, seed++);
+      const bias = seed % 2 ? normals(N, seed++) : undefined;
+      const prev = normals(M * N, seed++);
+      const plain = oracleForward(x, M, W, N, K, bias);
+      const acc = oracleForward(x, M, W, N, K, bias, prev);
+      for (const level of LEVELS) {
+        const tag = `${dtype} M=${M} N=${N} K=${K} bs=${bs} ${level}`;
+        const y = withLevel(level, () => linear(x, M, w, bias));
+        assertClose(y, plain.y, plain.mag, K, tag);
+        const out = prev.slice();
+        withLevel(level, () => linear(x, M, w, bias, out, true));
+        assertClose(out, acc.y, acc.mag, K, `${tag} accumulate`);
+      }
+    }
+  }
+});
+
+test("linearBackwardInput: scalar = oracle; SIMD = scalar; all dtypes, accumulate", () => {
+  let seed = 1000;
+  for (const { M, N, K, bs } of SHAPES) {
+    for (const dtype of ["nf4", "f32", "bf16", "f16"] as const) {
+      const w = makeWeight(dtype, N, K, seed++, bs);
+      const W = oracleWeight(w);
+      const dy = normals(M * N, seed++);
+      const prev = normals(M * K, seed++);
+      const plain = oracleBackward(dy, M, W, N, K);
+      const acc = oracleBackward(dy, M, W, N, K, prev);
+      for (const level of LEVELS) {
+        const tag = `${dtype} M=${M} N=${N} K=${K} ${level}`;
+        assertClose(withLevel(level, () => linearBackwardInput(dy, M, w)), plain.y, plain.mag, N, tag);
+        const out = prev.slice();
+        withLevel(level, () => linearBackwardInput(dy, M, w, out, true));
+        assertClose(out, acc.y, acc.mag, N, `${tag} accumulate`);
+      }
+    }
+  }
+});
+
+test("decodeWeight returns the exact dequantized values at any offset", () => {
+  for (const dtype of ["nf4", "f16", "bf16", "f32"] as const) {
+    const w = makeWeight(dtype, 7, 99, 5, 32);
+    const W = oracleWeight(w);
+    for (const level of LEVELS) {
+      for (const [start, len] of [[0, 693], [1, 100], [33, 1], [99, 99], [692, 1]] as const) {
+        const got = withLevel(level, () => decodeWeight(w, start, len));
+        for (let i = 0; i < len; i++) assert.equal(got[i], W[start + i], `${dtype} ${level} at ${start + i}`);
+      }
+    }
+  }
+});
+
+function oracleGemm(tA: boolean, tB: boolean, M: number, N: number, K: number, alpha: number, A: Float32Array, lda: number, B: Float32Array, ldb: number, beta: number, C: Float32Array, ldc: number) {
+  const y = new Float64Array(M * N);
+  const mag = new Float64Array(M * N);
+  for (let i = 0; i < M; i++) {
+    for (let j = 0; j < N; j++) {
+      let s = 0;
+      let a = 0;
+      for (let k = 0; k < K; k++) {
+        const p = (tA ? A[k * lda + i]! : A[i * lda + k]!) * (tB ? B[j * ldb + k]! : B[k * ldb + j]!);
+        s += p;
+        a += Math.abs(p);
+      }
+      const c = beta === 0 ? 0 : beta * C[i * ldc + j]!;
+      y[i * N + j] = alpha * s + c;
+      mag[i * N + j] = Math.abs(alpha) * a + Math.abs(c);
+    }
+  }
+  return { y, mag };
+}
+
+test("gemm: every transpose combination, alpha/beta, padded leading dimensions; beta=0 ignores NaN in C", () => {
+  let seed = 5000;
+  for (const [M, N, K] of [[1, 1, 1], [5, 7, 3], [17, 33, 65], [64, 300, 31], [130, 20, 257]] as const) {
+    for (const tA of [false, true]) {
+      for (const tB of [false, true]) {
+        const lda = (tA ? M : K) + 3;
+        const ldb = (tB ? K : N) + 1;
+        const ldc = N + 2;
+        const A = normals((tA ? K : M) * lda, seed++);
+        const B = normals((tB ? N : K) * ldb, seed++);
+        const C0 = normals(M * ldc, seed++);
+        for (const [alpha, beta] of [[1, 0], [0.5, 1], [-2, 0.25]] as const) {
+          const want = oracleGemm(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C0, ldc);
+          for (const level of LEVELS) {
+            const C = C0.slice();
+            if (beta === 0) for (let i = 0; i < C.length; i++) if (i % (N + 2) < N) C[i] = NaN;
+            withLevel(level, () => gemm(M, N, K, A, B, C, { transA: tA, transB: tB, alpha, beta, lda, ldb, ldc }));
+            const got = new Float32Array(M * N);
+            for (let i = 0; i < M; i++) {
+              for (let j = 0; j < N; j++) got[i * N + j] = C[i * ldc + j]!;
+              // the padding columns of C are never touched
+              for (let j = N; j < ldc; j++) assert.equal(C[i * ldc + j], C0[i * ldc + j]);
+            }
+            assertClose(got, want.y, want.mag, K, `gemm ${M}x${N}x${K} tA=${tA} tB=${tB} a=${alpha} b=${beta} ${level}`);
+          }
+        }
+      }
+    }
+  }
+});
+
+test("NaN and inf propagate through linear like IEEE arithmetic (no masking by padding)", () => {
+  const N = 20;
+  const K = 64;
+  const w = makeWeight("nf4", N, K, 9, 64);
+  for (const M of [1, 12]) {
+    const x = normals(M * K, 10);
+    x[3] = NaN; // row 0 of x
+    for (const level of LEVELS) {
+      const y = withLevel(level, () => linear(x, M, w));
+      for (let n = 0; n < N; n++) assert.ok(Number.isNaN(y[n]), `${level} M=${M} row 0 is NaN`);
+      if (M > 1) for (let i = N; i < M * N; i++) assert.ok(Number.isFinite(y[i]!), `${level} other rows finite`);
+    }
+  }
+});
+
+test("argument validation", () => {
+  const w = makeWeight("nf4", 4, 64, 1);
+  const x = new Float32Array(64);
+  assert.throws(() => linear(x, 2, w), /x must be/);
+  assert.throws(() => linear(x, 1, { ...w, shape: [4, 64, 1] }), /2-D/);
+  assert.throws(() => linear(x, 1, { ...w, absmax: undefined }), /absmax/);
+  assert.throws(() => linear(x, 1, { ...w, blocksize: 48 }), /blocksize/);
+  assert.throws(() => linear(x, 1, { ...w, data: w.data.subarray(1) }), /bytes/);
+  assert.throws(() => linear(x, 1, w, new Float32Array(3)), /bias/);
+  assert.throws(() => linear(x, 1, w, undefined, undefined, true), /accumulate/);
+  assert.throws(() => linear(x, 1, { ...w, dtype: "int8" as never }), /dtype/);
+  assert.throws(() => linearBackwardInput(new Float32Array(3), 1, w), /dy/);
+  assert.throws(() => decodeWeight(w, 250, 7), /outside/);
+  assert.equal(linear(new Float32Array(0), 0, w).length, 0);
+});
