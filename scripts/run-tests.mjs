@@ -18,6 +18,11 @@ for (const w of [...workspaces, "tests/unit"]) {
   const d = join(root, w, "dist", "test");
   if (existsSync(d)) walk(d);
 }
+// Plain-ESM tests that need no build step (deploy manifests, Dockerfiles).
+const deployTests = join(root, "tests", "deploy");
+if (existsSync(deployTests)) {
+  for (const e of readdirSync(deployTests)) if (e.endsWith(".test.mjs")) files.push(join(deployTests, e));
+}
 const filter = process.env.QLORA_TEST_FILTER;
 const selected = files.sort().filter((f) => !filter || f.includes(filter));
 if (selected.length === 0) {

@@ -18,7 +18,7 @@ export type ServiceFactory = (ctx: ServeContext) => ServiceRegistration | Promis
 export const SERVICES: Record<string, ServiceFactory | { unavailable: string }> = {
   // Imported on demand: service packages load native code that other commands do not need.
   quantizer: async ({ store }) => (await import("@qlora/quantizer")).quantizerService(store),
-  trainer: { unavailable: "the trainer service is not part of this build yet" },
+  trainer: async ({ store, dataDir }) => (await import("@qlora/trainer")).trainerService({ store, dataDir }),
   inference: async ({ store }) => (await import("@qlora/inference")).inferenceService({ store }),
 };
 

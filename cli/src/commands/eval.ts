@@ -1,5 +1,5 @@
 import path from "node:path";
-import { evaluate, installAdapter, loadAdapter, loadModel, readEvalExamples } from "@qlora/model";
+// The model runtime loads the native addon: it is imported inside run() so `--help` never needs it.
 import { defineCommand } from "../command.js";
 import { writeJsonLine } from "../output.js";
 
@@ -26,6 +26,7 @@ export const evalCommand = defineCommand({
     const dataFile = path.resolve(io.cwd, args.requiredString("data"));
     const quant = args.choice("quant", ["nf4", "none"] as const) ?? "nf4";
     // Read the data first: a malformed file should fail before a model is loaded.
+    const { evaluate, installAdapter, loadAdapter, loadModel, readEvalExamples } = await import("@qlora/model");
     const texts = await readEvalExamples(dataFile);
     const model = await loadModel(modelDir, { quant, maxSequences: 1 });
     try {

@@ -1,5 +1,6 @@
 import path from "node:path";
-import { generate as runGenerate, installAdapter, loadAdapter, loadModel, type LoadedModel } from "@qlora/model";
+// The model runtime loads the native addon: import it inside run() so `--help` never needs it.
+import type { LoadedModel } from "@qlora/model";
 import { defineCommand, UsageError, type Args } from "../command.js";
 import { writeJsonLine } from "../output.js";
 
@@ -62,6 +63,7 @@ export const generate = defineCommand({
     if (stopArg === "") throw new UsageError("--stop must not be empty");
     const stop = stopArg === undefined ? [] : [stopArg];
 
+    const { generate: runGenerate, installAdapter, loadAdapter, loadModel } = await import("@qlora/model");
     const model: LoadedModel = await loadModel(modelDir, { quant, maxSequences: 1 });
     try {
       let adapterSlot = -1;

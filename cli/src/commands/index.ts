@@ -3,3 +3,4 @@ export { quantize } from "./quantize.js";
 export { serve } from "./serve.js";
 export { evalCommand } from "./eval.js";
 export { generate } from "./generate.js";
+export { train } from "./train.js";

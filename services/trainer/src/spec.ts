@@ -122,7 +122,7 @@ export function withDefaults(req: CreateJobRequest): CreateJobRequest {
   }
   const bias = l?.bias ?? LoraBias.UNSPECIFIED;
   if (bias === LoraBias.LORA_ONLY || bias === LoraBias.ALL) {
-    throw new InvalidArgument(`lora.bias ${LoraBias[bias]} is not supported: this trainer trains LoRA A/B only; use LORA_BIAS_NONE`);
+    throw new InvalidArgument(`lora.bias LORA_BIAS_${LoraBias[bias]} is not supported: this trainer trains LoRA A/B only; use LORA_BIAS_NONE`);
   }
   if (bias !== LoraBias.UNSPECIFIED && bias !== LoraBias.NONE) throw new InvalidArgument(`lora.bias: unknown value ${bias}`);
 

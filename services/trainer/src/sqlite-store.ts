@@ -219,11 +219,13 @@ export class SqliteJobStore implements JobStore {
           )
           .run(replicaId, now + leaseMs, now, r.id);
         const job = toJob(this.one("SELECT * FROM jobs WHERE id = ?", r.id)!);
-        const message = takenOver
-          ? `taken over by ${replicaId} (attempt ${job.attempts}) after its previous runner stopped responding`
-          : job.attempts > 1
+        const message = !takenOver
+          ? job.attempts > 1
             ? `running on ${replicaId} (attempt ${job.attempts})`
-            : `running on ${replicaId}`;
+            : `running on ${replicaId}`
+          : r.owner === replicaId
+            ? `running again on ${replicaId} after it restarted (attempt ${job.attempts})`
+            : `taken over by ${replicaId} (attempt ${job.attempts}) after its previous runner stopped responding`;
         const event = this.appendEventTx(r.id, { kind: "state", state: "running", message }, now);
         return { job, event, takenOver };
       })

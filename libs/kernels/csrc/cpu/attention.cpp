@@ -4,13 +4,74 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/cpu_features.h"
 #include "cpu/ops.h"
 #include "cpu/thread_pool.h"
 
 namespace qk {
 
+#if defined(__x86_64__)
+namespace {
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// The same math as the generic head below with the per-position work inlined (no call or
+// dispatch per cache row): head dims that are a multiple of 8.
+__attribute__((target("avx2,fma"))) void attentionHeadAvx2(const AttentionShape& s, const float* q, const float* k,
+                                                           const float* v, int32_t pos, float* scores, float* out) {
+  const int hd = s.headDim;
+  const int64_t stride = static_cast<int64_t>(s.nKvHeads) * hd, n = static_cast<int64_t>(pos) + 1;
+  // scores[j] = scale · q·k_j, four cache rows at a time
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = k + j * stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int c = 0; c < hd; c += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + c);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + c), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + stride + c), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * stride + c), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * stride + c), a3);
+    }
+    scores[j] = s.scale * hsum8(a0);
+    scores[j + 1] = s.scale * hsum8(a1);
+    scores[j + 2] = s.scale * hsum8(a2);
+    scores[j + 3] = s.scale * hsum8(a3);
+  }
+  for (; j < n; ++j) {
+    __m256 a0 = _mm256_setzero_ps();
+    for (int c = 0; c < hd; c += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + j * stride + c), a0);
+    scores[j] = s.scale * hsum8(a0);
+  }
+  // softmax numerator; out = Σ e_j v_j / Σ e_j
+  const float m = maxOf(scores, n);
+  const float sum = expShiftSum(scores, m, n);
+  for (int c = 0; c < hd; c += 8) _mm256_storeu_ps(out + c, _mm256_setzero_ps());
+  for (j = 0; j < n; ++j) {
+    const __m256 pj = _mm256_set1_ps(scores[j]);
+    const float* vj = v + j * stride;
+    for (int c = 0; c < hd; c += 8)
+      _mm256_storeu_ps(out + c, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + c), _mm256_loadu_ps(out + c)));
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / sum);
+  for (int c = 0; c < hd; c += 8) _mm256_storeu_ps(out + c, _mm256_mul_ps(inv, _mm256_loadu_ps(out + c)));
+}
+}  // namespace
+#endif
+
 void attentionHead(const AttentionShape& s, const float* q, const float* k, const float* v, int32_t pos,
                    float* scores, float* out) {
+#if defined(__x86_64__)
+  if (s.headDim % 8 == 0 && simdLevel() >= SimdLevel::Avx2) return attentionHeadAvx2(s, q, k, v, pos, scores, out);
+#endif
   const int hd = s.headDim;
   const int64_t stride = static_cast<int64_t>(s.nKvHeads) * hd;  // one cache row = all kv heads
   const int64_t n = static_cast<int64_t>(pos) + 1;

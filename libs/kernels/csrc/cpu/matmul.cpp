@@ -175,7 +175,7 @@ void permuteXNf4Avx2(const float* x, int64_t M, int64_t K, float* xp) {
     for (int64_t g = 0; g < K; g += 32)
       for (int v = 0; v < 4; ++v)
         for (int j = 0; j < 4; ++j) {
-          xp[m * K + g + 8 * v + j] = x[m * K + g + 2 * (4 * v + j) + (j == 3 ? 0 : 1)];
+          xp[m * K + g + 8 * v + j] = x[m * K + g + 2 * (4 * v + j) + 1];
           xp[m * K + g + 8 * v + 4 + j] = x[m * K + g + 2 * (4 * v + j)];
         }
 }

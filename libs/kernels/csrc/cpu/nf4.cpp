@@ -105,7 +105,7 @@ QK_AVX2 inline __m256i codes8(__m256 s) {
   h = _mm256_add_epi32(h, _mm256_and_si256(_mm256_castps_si256(m), two));
   m = _mm256_cmp_ps(s, _mm256_permutevar8x32_ps(_mm256_load_ps(kSearch.l3), h), _CMP_GT_OQ);
   h = _mm256_add_epi32(h, _mm256_and_si256(_mm256_castps_si256(m), one));
-  m = _mm256_cmp_ps(s, _mm256_permutevar8x32_ps(_mm256_load_ps(kSearch.l4), h), _CMP_GE_OQ);
+  m = _mm256_cmp_ps(s, _mm256_permutevar8x32_ps(_mm256_load_ps(kSearch.l4), h), _CMP_GT_OQ);
   // code = 2h + [s > mid[2h]]  (the mask is -1 where true)
   return _mm256_sub_epi32(_mm256_add_epi32(h, h), _mm256_castps_si256(m));
 }

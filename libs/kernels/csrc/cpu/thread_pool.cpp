@@ -50,7 +50,7 @@ class ThreadPool {
     std::lock_guard<std::mutex> region(regionMutex_);
     fn_ = &fn;
     n_ = n;
-    parts_ = parts;
+    parts_.store(parts, std::memory_order_relaxed);
     error_ = nullptr;
     pending_.store(parts - 1, std::memory_order_relaxed);
     {
@@ -71,8 +71,9 @@ class ThreadPool {
 
  private:
   void runPart(int part) {
-    if (part >= parts_) return;
-    int64_t begin = n_ * part / parts_, end = n_ * (part + 1) / parts_;
+    const int parts = parts_.load(std::memory_order_relaxed);
+    if (part >= parts) return;
+    int64_t begin = n_ * part / parts, end = n_ * (part + 1) / parts;
     try {
       (*fn_)(begin, end, part);
     } catch (...) {
@@ -97,8 +98,13 @@ class ThreadPool {
         g = generation_.load(std::memory_order_acquire);
       }
       if (quit_) return;
+      // Read the region's size, then make sure it still belongs to generation g: a worker
+      // that woke late for a region it had no part in could otherwise pair g with the
+      // next region's size and run (and count) a part twice.
+      const int parts = parts_.load(std::memory_order_acquire);
+      if (generation_.load(std::memory_order_acquire) != g) continue;
       seen = g;
-      if (index < parts_) {
+      if (index < parts) {
         runPart(index);
         pending_.fetch_sub(1, std::memory_order_acq_rel);
       }
@@ -125,7 +131,7 @@ class ThreadPool {
   bool quit_ = false;
   const RangeFn* fn_ = nullptr;
   int64_t n_ = 0;
-  int parts_ = 0;
+  std::atomic<int> parts_{0};
   std::exception_ptr error_;
 };
 

@@ -87,6 +87,8 @@ struct RowSpec {
 };
 
 class Model {
+  friend struct LoraTrainer;  // model/train.{h,cpp}: LoRA training reads the weights in place
+
  public:
   Model(const ModelConfig& cfg, const TensorMap& weights, int maxSequences, int maxContext);
 

@@ -13,19 +13,12 @@
 #include "cpu/attention.h"
 #include "cpu/ops.h"
 #include "cpu/sampling.h"
-#include "cpu/thread_pool.h"
 #include "model/model.h"
 #include "napi/registry.h"
 
 namespace {
 
 using qk::engine::EngineError;
-
-// Start the kernel thread pool when the addon loads rather than on the first parallel region:
-// cpu/thread_pool.cpp reads a worker's initial generation inside the new thread, so a region
-// issued before a freshly spawned worker has run can be missed by it and never complete
-// (reported to the pool's owner). Spawning early leaves the workers time to start.
-const int kPoolWarm = qk::numThreads();
 
 [[noreturn]] void fail(const std::string& code, const std::string& msg) { throw EngineError(code, msg); }
 
@@ -233,6 +226,9 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
     });
   }
 
+  // The engine model (null once disposed), for csrc/napi/train_napi.cpp.
+  qk::engine::Model* engineModel() const { return model_.get(); }
+
  private:
   qk::engine::Model& model(const Napi::CallbackInfo&) {
     if (!model_) fail("FAILED_PRECONDITION", "the model was disposed");
@@ -313,7 +309,7 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
     return guarded(info, [&]() -> Napi::Value {
       const int slot = intArg(info[0], "slot");
       model(info).removeAdapter(slot);
-      adapterRefs_[slot].clear();
+      if (static_cast<size_t>(slot) < adapterRefs_.size()) adapterRefs_[slot].clear();  // train_napi.cpp slots have none
       return info.Env().Undefined();
     });
   }
@@ -610,6 +606,18 @@ Napi::Value engineOpEmbedding(const Napi::CallbackInfo& info) {
 }
 
 }  // namespace
+
+// The engine::Model behind a NativeModel object (src/engine.ts `handle`), or null once disposed.
+// Used by csrc/napi/train_napi.cpp (LoRA training); the caller passes only NativeModel handles.
+namespace qk {
+namespace engine {
+Model* unwrapNativeModel(const Napi::Value& v) {
+  if (!v.IsObject()) throw EngineError("INVALID_ARGUMENT", "expected a NativeModel");
+  NativeModelWrap* w = NativeModelWrap::Unwrap(v.As<Napi::Object>());
+  return w ? w->engineModel() : nullptr;
+}
+}  // namespace engine
+}  // namespace qk
 
 QK_EXPORT("engineModelClass", engineModelClass);
 QK_EXPORT("engineSampleToken", engineSampleToken);

@@ -1,0 +1,459 @@
+// Training kernels: backward of every forward op (see backward.h for the math of each).
+#include "cpu/backward.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define QK_X86 1
+#else
+#define QK_X86 0
+#endif
+
+#define QK_AVX2 __attribute__((target("avx2,fma")))
+
+namespace qk {
+
+namespace {
+
+// Row-parallel driver: one task per contiguous block of rows (small calls stay on this thread).
+template <class F>
+void forRows(int64_t rows, int64_t dim, F&& f) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1));
+  if (rows <= grain) {
+    for (int64_t r = 0; r < rows; ++r) f(r);
+    return;
+  }
+  parallelFor(rows, grain, [&](int64_t b, int64_t e, int) {
+    for (int64_t r = b; r < e; ++r) f(r);
+  });
+}
+// Element-parallel driver: contiguous chunks of at least 32K elements.
+template <class F>
+void forChunks(int64_t n, F&& f) {
+  const int64_t grain = 32768;
+  if (n <= grain) {
+    f(0, n);
+    return;
+  }
+  parallelFor(n, grain, [&](int64_t b, int64_t e, int) { f(b, e); });
+}
+
+float* threadScratch(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+}  // namespace
+
+// =============================================================================================
+// RMSNorm backward      y = x·r·w,  r = (mean(x²) + eps)^-½
+// =============================================================================================
+void rmsNormBackward(const float* dy, const float* x, const float* w, float* dx, int64_t rows, int64_t dim, float eps,
+                     bool accumulate) {
+  forRows(rows, dim, [&](int64_t row) {
+    const float* xr = x + row * dim;
+    const float* gr = dy + row * dim;
+    float* out = dx + row * dim;
+    // the forward's r (ops.cpp rmsNormRow: var = Σx²/dim in fp32)
+    const float var = dot(xr, xr, dim) / static_cast<float>(dim);
+    const float r = 1.f / std::sqrt(var + eps);
+    // c = Σ (dy⊙w)⊙x
+    float c = 0.f;
+    for (int64_t i = 0; i < dim; ++i) c += gr[i] * w[i] * xr[i];
+    const float k = c * r * r * r / static_cast<float>(dim);
+    if (accumulate)
+      for (int64_t i = 0; i < dim; ++i) out[i] += r * gr[i] * w[i] - xr[i] * k;
+    else
+      for (int64_t i = 0; i < dim; ++i) out[i] = r * gr[i] * w[i] - xr[i] * k;
+  });
+}
+
+// =============================================================================================
+// LayerNorm backward    x̂ = (x − μ)·r,  y = x̂⊙w + b
+// =============================================================================================
+void layerNormBackward(const float* dy, const float* x, const float* w, float* dx, int64_t rows, int64_t dim,
+                       float eps, bool accumulate) {
+  forRows(rows, dim, [&](int64_t row) {
+    const float* xr = x + row * dim;
+    const float* gr = dy + row * dim;
+    float* out = dx + row * dim;
+    // μ, r as in ops.cpp layerNormRow (two passes, biased variance)
+    float s = 0.f;
+    for (int64_t i = 0; i < dim; ++i) s += xr[i];
+    const float mean = s / static_cast<float>(dim);
+    float v = 0.f;
+    for (int64_t i = 0; i < dim; ++i) v += (xr[i] - mean) * (xr[i] - mean);
+    const float r = 1.f / std::sqrt(v / static_cast<float>(dim) + eps);
+    // mean(g), mean(g⊙x̂) with g = dy⊙w
+    float sg = 0.f, sgx = 0.f;
+    for (int64_t i = 0; i < dim; ++i) {
+      const float g = w ? gr[i] * w[i] : gr[i];
+      sg += g;
+      sgx += g * (xr[i] - mean) * r;
+    }
+    const float mg = sg / static_cast<float>(dim), mgx = sgx / static_cast<float>(dim);
+    for (int64_t i = 0; i < dim; ++i) {
+      const float g = w ? gr[i] * w[i] : gr[i];
+      const float d = r * (g - mg - (xr[i] - mean) * r * mgx);
+      out[i] = accumulate ? out[i] + d : d;
+    }
+  });
+}
+
+// =============================================================================================
+// RoPE backward: rotation by −θ (the transpose of the forward's rotation)
+// =============================================================================================
+void ropeBackward(float* dx, int64_t T, int nHeads, int headDim, const int32_t* pos, const float* cosT,
+                  const float* sinT) {
+  const int half = headDim / 2;
+  const int64_t width = static_cast<int64_t>(nHeads) * headDim;
+  forRows(T, width, [&](int64_t t) {
+    const float* c = cosT + static_cast<int64_t>(pos[t]) * half;
+    const float* s = sinT + static_cast<int64_t>(pos[t]) * half;
+    for (int h = 0; h < nHeads; ++h) {
+      float* d = dx + t * width + static_cast<int64_t>(h) * headDim;
+      for (int j = 0; j < half; ++j) {
+        const float d1 = d[j], d2 = d[j + half];
+        d[j] = d1 * c[j] + d2 * s[j];
+        d[j + half] = d2 * c[j] - d1 * s[j];
+      }
+    }
+  });
+}
+
+// =============================================================================================
+// Activations backward
+// =============================================================================================
+namespace {
+
+inline float sigmoidScalar(float x) { return 1.f / (1.f + std::exp(-x)); }
+// act(x) and act'(x)
+inline void actAndGrad(Activation a, float x, float* f, float* d) {
+  switch (a) {
+    case Activation::Silu: {
+      const float sg = sigmoidScalar(x);
+      *f = x * sg;
+      *d = sg * (1.f + x * (1.f - sg));
+      return;
+    }
+    case Activation::Relu:
+      *f = x > 0.f ? x : 0.f;
+      *d = x > 0.f ? 1.f : 0.f;
+      return;
+    default: {
+      const float cdf = 0.5f * (1.f + std::erf(x * 0.70710678118654752f));
+      const float pdf = 0.39894228040143268f * std::exp(-0.5f * x * x);
+      *f = x * cdf;
+      *d = cdf + x * pdf;
+      return;
+    }
+  }
+}
+
+#if QK_X86
+// exp(x) for 8 fp32 lanes: x = n·ln2 + r (|r| <= ln2/2, ln2 split in two for the reduction),
+// e^r by a degree-6 Taylor/minimax polynomial, 2^n through the exponent bits. Inputs are clamped to
+// ±87 so 2^n stays a normal number (e^-87 ≈ 1.6e-38: the sigmoid below is exact to fp32 there).
+QK_AVX2 inline __m256 expAvx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln2 high part (exact in fp32)
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);    // ln2 low part
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+// σ(x) and silu'(x) = σ·(1 + x·(1 − σ))
+QK_AVX2 inline void siluGradAvx2(__m256 x, __m256* f, __m256* d) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, expAvx2(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+  *f = _mm256_mul_ps(x, sg);
+  *d = _mm256_mul_ps(sg, _mm256_fmadd_ps(x, _mm256_sub_ps(one, sg), one));
+}
+QK_AVX2 void siluBackwardAvx2(const float* x, const float* dy, float* dx, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 f, d;
+    siluGradAvx2(_mm256_loadu_ps(x + i), &f, &d);
+    _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(dy + i), d));
+  }
+  for (; i < n; ++i) {
+    float f, d;
+    actAndGrad(Activation::Silu, x[i], &f, &d);
+    dx[i] = dy[i] * d;
+  }
+}
+QK_AVX2 void swigluBackwardAvx2(const float* g, const float* u, const float* dy, float* dg, float* du, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 f, d;
+    siluGradAvx2(_mm256_loadu_ps(g + i), &f, &d);
+    const __m256 gy = _mm256_loadu_ps(dy + i);
+    _mm256_storeu_ps(du + i, _mm256_mul_ps(gy, f));
+    _mm256_storeu_ps(dg + i, _mm256_mul_ps(_mm256_mul_ps(gy, _mm256_loadu_ps(u + i)), d));
+  }
+  for (; i < n; ++i) {
+    float f, d;
+    actAndGrad(Activation::Silu, g[i], &f, &d);
+    const float gy = dy[i];
+    du[i] = gy * f;
+    dg[i] = gy * u[i] * d;
+  }
+}
+#endif
+
+}  // namespace
+
+void activationBackward(Activation act, const float* x, const float* dy, float* dx, int64_t n) {
+  forChunks(n, [&](int64_t b, int64_t e) {
+#if QK_X86
+    if (act == Activation::Silu && simdLevel() >= SimdLevel::Avx2) return siluBackwardAvx2(x + b, dy + b, dx + b, e - b);
+#endif
+    if (act == Activation::Relu) {
+      for (int64_t i = b; i < e; ++i) dx[i] = x[i] > 0.f ? dy[i] : 0.f;
+      return;
+    }
+    for (int64_t i = b; i < e; ++i) {
+      float f, d;
+      actAndGrad(act, x[i], &f, &d);
+      dx[i] = dy[i] * d;
+    }
+  });
+}
+
+void gatedActivationBackward(Activation act, const float* gate, const float* up, const float* dy, float* dgate,
+                             float* dup, int64_t n) {
+  forChunks(n, [&](int64_t b, int64_t e) {
+#if QK_X86
+    if (act == Activation::Silu && simdLevel() >= SimdLevel::Avx2)
+      return swigluBackwardAvx2(gate + b, up + b, dy + b, dgate + b, dup + b, e - b);
+#endif
+    for (int64_t i = b; i < e; ++i) {
+      float f, d;
+      actAndGrad(act, gate[i], &f, &d);
+      const float gy = dy[i];
+      dup[i] = gy * f;
+      dgate[i] = gy * up[i] * d;
+    }
+  });
+}
+
+// =============================================================================================
+// Attention (training): forward with log-sum-exp, backward with p recomputed
+// =============================================================================================
+void attentionTrainForward(const AttentionShape& s, int64_t B, int64_t T, const int32_t* start, const float* q,
+                           const float* k, const float* v, float* out, float* lse) {
+  const int hd = s.headDim, nh = s.nHeads, group = s.nHeads / s.nKvHeads;
+  const int64_t qw = static_cast<int64_t>(nh) * hd, kw = static_cast<int64_t>(s.nKvHeads) * hd;
+  // one task per (row, head): every (row, head) costs the same, so contiguous blocks balance
+  parallelFor(B * nh, 1, [&](int64_t i0, int64_t i1, int) {
+    static thread_local std::vector<float> scoresTl;
+    float* sc = threadScratch(scoresTl, static_cast<size_t>(T));
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t b = item / nh;
+      const int h = static_cast<int>(item % nh), g = h / group;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t i = b * T + t, j0 = b * T + start[i], n = i - j0 + 1;
+        const float* qi = q + i * qw + static_cast<int64_t>(h) * hd;
+        const float* kb = k + j0 * kw + static_cast<int64_t>(g) * hd;
+        const float* vb = v + j0 * kw + static_cast<int64_t>(g) * hd;
+        for (int64_t j = 0; j < n; ++j) sc[j] = s.scale * dot(qi, kb + j * kw, hd);  // s_j = scale·q·k_j
+        const float m = maxOf(sc, n);
+        const float sum = expShiftSum(sc, m, n);  // sc_j = e^{s_j − m}
+        float* o = out + i * qw + static_cast<int64_t>(h) * hd;
+        std::memset(o, 0, sizeof(float) * hd);
+        for (int64_t j = 0; j < n; ++j) axpy(sc[j], vb + j * kw, o, hd);
+        scale(o, 1.f / sum, hd);  // out = Σ p_j v_j
+        lse[i * nh + h] = m + std::log(sum);
+      }
+    }
+  });
+}
+
+void attentionTrainBackward(const AttentionShape& s, int64_t B, int64_t T, const int32_t* start, const float* q,
+                            const float* k, const float* v, const float* out, const float* lse, const float* dout,
+                            float* dq, float* dk, float* dv) {
+  const int hd = s.headDim, nh = s.nHeads, nkv = s.nKvHeads, group = s.nHeads / s.nKvHeads;
+  const int64_t qw = static_cast<int64_t>(nh) * hd, kw = static_cast<int64_t>(nkv) * hd;
+  // one task per (row, kv head): it owns dk/dv of those rows and dq of the group's heads
+  parallelFor(B * nkv, 1, [&](int64_t i0, int64_t i1, int) {
+    static thread_local std::vector<float> scoresTl;
+    float* p = threadScratch(scoresTl, static_cast<size_t>(T));
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t b = item / nkv;
+      const int g = static_cast<int>(item % nkv);
+      for (int64_t t = 0; t < T; ++t) {
+        std::memset(dk + (b * T + t) * kw + static_cast<int64_t>(g) * hd, 0, sizeof(float) * hd);
+        std::memset(dv + (b * T + t) * kw + static_cast<int64_t>(g) * hd, 0, sizeof(float) * hd);
+      }
+      for (int h = g * group; h < (g + 1) * group; ++h) {
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t i = b * T + t, j0 = b * T + start[i], n = i - j0 + 1;
+          const int64_t qo = i * qw + static_cast<int64_t>(h) * hd;
+          const float* qi = q + qo;
+          const float* doi = dout + qo;
+          const float* kb = k + j0 * kw + static_cast<int64_t>(g) * hd;
+          const float* vb = v + j0 * kw + static_cast<int64_t>(g) * hd;
+          float* dkb = dk + j0 * kw + static_cast<int64_t>(g) * hd;
+          float* dvb = dv + j0 * kw + static_cast<int64_t>(g) * hd;
+          float* dqi = dq + qo;
+          const float D = dot(doi, out + qo, hd);  // D = dout·out = Σ_j p_j dp_j
+          for (int64_t j = 0; j < n; ++j) p[j] = s.scale * dot(qi, kb + j * kw, hd);
+          expShiftSum(p, lse[i * nh + h], n);  // p_j = e^{s_j − lse}
+          std::memset(dqi, 0, sizeof(float) * hd);
+          for (int64_t j = 0; j < n; ++j) {
+            const float dp = dot(doi, vb + j * kw, hd);
+            const float ds = p[j] * (dp - D) * s.scale;
+            axpy(ds, kb + j * kw, dqi, hd);   // dq_i += scale·ds_j k_j
+            axpy(ds, qi, dkb + j * kw, hd);   // dk_j += scale·ds_j q_i
+            axpy(p[j], doi, dvb + j * kw, hd);  // dv_j += p_j dout_i
+          }
+        }
+      }
+    }
+  });
+}
+
+// =============================================================================================
+// Softmax + cross-entropy, and the fused chunked lm_head version
+// =============================================================================================
+void softmaxCrossEntropy(float* logits, int64_t rows, int64_t V, const int32_t* labels, double* loss, float gradScale,
+                         bool grad) {
+  forRows(rows, V, [&](int64_t r) {
+    float* z = logits + r * V;
+    const int32_t y = labels[r];
+    const float zy = z[y];
+    const float m = maxOf(z, V);
+    const float sum = expShiftSum(z, m, V);  // z_j ← e^{z_j − m}
+    loss[r] = static_cast<double>(m) + std::log(static_cast<double>(sum)) - static_cast<double>(zy);
+    if (grad) {
+      scale(z, gradScale / sum, V);  // softmax·gradScale
+      z[y] -= gradScale;             // − onehot·gradScale
+    }
+  });
+}
+
+int64_t lmHeadChunkRows(int64_t M, int64_t V) {
+  if (M <= 0) return 1;
+  const int64_t cap = std::max<int64_t>(1, (int64_t(1) << 23) / std::max<int64_t>(V, 1));
+  const int64_t chunks = (M + cap - 1) / cap;
+  return (M + chunks - 1) / chunks;
+}
+
+double lmHeadCrossEntropy(const float* h, int64_t M, const WeightView& w, const int32_t* labels, int64_t chunkRows,
+                          float gradScale, float* dh, std::vector<float>& logits) {
+  const int64_t V = w.rows, H = w.cols;
+  if (M <= 0) return 0.0;
+  const int64_t chunk = std::max<int64_t>(1, std::min(chunkRows, M));
+  if (static_cast<int64_t>(logits.size()) < chunk * V) logits.resize(static_cast<size_t>(chunk * V));
+  std::vector<double> loss(static_cast<size_t>(M));
+  for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+    const int64_t c = std::min(chunk, M - r0);
+    linearForward(h + r0 * H, c, w, nullptr, logits.data(), false);                       // z [c, V]
+    softmaxCrossEntropy(logits.data(), c, V, labels + r0, loss.data() + r0, gradScale, dh != nullptr);
+    if (dh) linearBackwardInput(logits.data(), c, w, dh + r0 * H, false);                // dh = dz·W [c, H]
+  }
+  double total = 0.0;
+  for (int64_t r = 0; r < M; ++r) total += loss[r];
+  return total;
+}
+
+// =============================================================================================
+// Dropout (counter-based mask)
+// =============================================================================================
+namespace {
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+inline uint64_t mix64(uint64_t z) {  // splitmix64 finalizer
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+}  // namespace
+
+uint64_t dropoutKey(uint64_t seed, uint64_t stream) { return mix64(seed ^ mix64((stream + 1) * kGolden)); }
+
+void dropoutApply(const float* x, float* y, int64_t rows, int64_t cols, float p, uint64_t key, bool accumulate) {
+  // keep iff bits32 >= thr, P(keep) = 1 − thr/2³² ≈ 1 − p
+  const uint64_t thr64 = static_cast<uint64_t>(std::floor(static_cast<double>(p) * 4294967296.0));
+  const uint32_t thr = static_cast<uint32_t>(std::min<uint64_t>(thr64, 0xFFFFFFFFull));
+  const float inv = 1.f / (1.f - p);
+  forRows(rows, cols, [&](int64_t r) {
+    const float* xr = x + r * cols;
+    float* yr = y + r * cols;
+    uint64_t pair = 0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint64_t e = static_cast<uint64_t>(r * cols + c);
+      if (c == 0 || (e & 1) == 0) pair = mix64(key + ((e >> 1) + 1) * kGolden);
+      const uint32_t bits = static_cast<uint32_t>(pair >> ((e & 1) * 32));
+      const float mul = bits >= thr ? inv : 0.f;
+      yr[c] = accumulate ? yr[c] + xr[c] * mul : xr[c] * mul;
+    }
+  });
+}
+
+// =============================================================================================
+// Linear + LoRA branch
+// =============================================================================================
+namespace {
+thread_local std::vector<float> tlXd, tlU, tlDu, tlTmp;
+}
+
+void loraLinearForward(const float* x, int64_t N, const WeightView& w, const float* bias, const LoraBranch* lora,
+                       float* y, bool accumulate, float* u) {
+  linearForward(x, N, w, bias, y, accumulate);  // y (+)= x·Wᵀ + b
+  if (!lora || N <= 0) return;
+  const int64_t in = w.cols, out = w.rows, r = lora->rank;
+  const float* xin = x;
+  if (lora->dropout > 0.f) {
+    float* xd = threadScratch(tlXd, static_cast<size_t>(N * in));
+    dropoutApply(x, xd, N, in, lora->dropout, lora->key, false);  // drop(x)
+    xin = xd;
+  }
+  float* uu = u ? u : threadScratch(tlU, static_cast<size_t>(N * r));
+  gemmF32(false, true, N, r, in, 1.f, xin, in, lora->a, in, 0.f, uu, r);                // u = drop(x)·Aᵀ  [N, r]
+  gemmF32(false, true, N, out, r, lora->scaling, uu, r, lora->b, r, 1.f, y, out);       // y += s·u·Bᵀ     [N, out]
+}
+
+void loraLinearBackward(const float* x, const float* u, const float* dy, int64_t N, const WeightView& w,
+                        const LoraBranch* lora, float* dx, bool accumulate, bool needDx) {
+  if (needDx) linearBackwardInput(dy, N, w, dx, accumulate);  // dx (+)= dy·W
+  if (!lora || N <= 0) return;
+  const int64_t in = w.cols, out = w.rows, r = lora->rank;
+  const float s = lora->scaling;
+  float* du = threadScratch(tlDu, static_cast<size_t>(N * r));
+  float* tmp = threadScratch(tlTmp, static_cast<size_t>(r * out));
+  gemmF32(false, false, N, r, out, s, dy, out, lora->b, r, 0.f, du, r);   // du = s·dy·B        [N, r]
+  gemmF32(true, false, r, out, N, s, u, r, dy, out, 0.f, tmp, out);       // tmp = s·uᵀ·dy      [r, out]
+  for (int64_t o = 0; o < out; ++o)                                       // dB += tmpᵀ
+    for (int64_t j = 0; j < r; ++j) lora->gb[o * r + j] += tmp[j * out + o];
+  const float* xin = x;
+  float* xd = nullptr;
+  if (lora->dropout > 0.f) {
+    xd = threadScratch(tlXd, static_cast<size_t>(N * in));
+    dropoutApply(x, xd, N, in, lora->dropout, lora->key, false);  // the forward's drop(x), regenerated
+    xin = xd;
+  }
+  gemmF32(true, false, r, in, N, 1.f, du, r, xin, in, 1.f, lora->ga, in);  // dA += duᵀ·drop(x)   [r, in]
+  if (!needDx) return;
+  if (lora->dropout > 0.f) {
+    gemmF32(false, false, N, in, r, 1.f, du, r, lora->a, in, 0.f, xd, in);  // du·A            [N, in]
+    dropoutApply(xd, dx, N, in, lora->dropout, lora->key, true);             // dx += drop'(du·A)
+  } else {
+    gemmF32(false, false, N, in, r, 1.f, du, r, lora->a, in, 1.f, dx, in);  // dx += du·A
+  }
+}
+
+}  // namespace qk
