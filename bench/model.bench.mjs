@@ -20,19 +20,22 @@
 // (replayChild) and, when `perf` is installed, perf samples of the decode loop by part (perfDecode).
 //
 // Env: BENCH_MODELS (opt-125m,smollm2-135m,llama-3.2-1b), BENCH_THREADS ("1,2"), BENCH_REPEATS (3),
-//      BENCH_DECODE_S (0.75: seconds per decode run), BENCH_PREFILL (512), BENCH_PROFILE (1; 0 skips
+//      BENCH_DECODE_S (0.5: seconds per decode run), BENCH_PREFILL (512), BENCH_PROFILE (1; 0 skips
 //      replay and perf), BENCH_PERF (1; 0 skips perf only), QLORA_BENCH_DIR (cache, default bench/out/).
 import { spawnSync } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { readFileSync, readlinkSync, statSync } from "node:fs";
 import { loadavg } from "node:os";
 import { setTimeout as sleep } from "node:timers/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { expectedWeights, linearWeightNames, parseModelConfig } from "@qlora/formats";
-import { cpuInfo, engineOps, linear, sampleToken, seedRng, setThreads, streamCopy } from "@qlora/kernels";
-import { ensureCheckpoint, PRESETS } from "./checkpoints.mjs";
 
 const SELF = fileURLToPath(import.meta.url);
+const ADDON = fileURLToPath(new URL("../libs/kernels/build/Release/qlora_kernels.node", import.meta.url));
+if (!process.argv[2]) waitForAddon();
+// (dynamic imports: the addon may be missing for a while when someone rebuilds it in a shared tree)
+const { expectedWeights, linearWeightNames, parseModelConfig } = await import("@qlora/formats");
+const { cpuInfo, engineOps, linear, sampleToken, seedRng, setThreads, streamCopy } = await import("@qlora/kernels");
+const { ensureCheckpoint, PRESETS } = await import("./checkpoints.mjs");
 const GREEDY = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 };
 const now = () => performance.now();
 
@@ -65,7 +68,7 @@ function stepWeightBytes(cfg, blocksize = 64, headBytesPerElem = 2) {
 }
 
 // =============================================================================================
-// Child: one model at one thread count
+// Child: one model, loaded once, measured at every thread count
 // =============================================================================================
 // Every figure is taken two ways: from wall time, and from this process's CPU time / threads
 // (other processes on a shared machine steal time slices: that inflates the wall time but not the
@@ -167,14 +170,19 @@ async function benchChild(opts) {
         cold: cold === null && i === 0 && Object.keys(byThreads).every((k) => !byThreads[k].prefill),
         ...prefill(300 + i, last ? (seq, id) => {
           // decode at context prefillLen (attention over the long cache)
+          // (best of two halves: one short run is at the mercy of the other processes)
           const row = [{ seq, tokens: Int32Array.of(id), adapter: -1 }];
-          const md = measure(() => {
-            for (let k = 0; k < ctxTokens; k++) {
-              nm.forward(row, { out: logits });
-              row[0].tokens[0] = sampleToken(logits, 0, V, GREEDY, null, rng);
-            }
+          const half = Math.max(1, ctxTokens >> 1);
+          const runs = [0, 1].map(() => {
+            const md = measure(() => {
+              for (let k = 0; k < half; k++) {
+                nm.forward(row, { out: logits });
+                row[0].tokens[0] = sampleToken(logits, 0, V, GREEDY, null, rng);
+              }
+            });
+            return rate(md, half);
           });
-          ctx = rate(md, ctxTokens);
+          ctx = bestOf(runs);
         } : null),
       });
     }
@@ -268,12 +276,21 @@ async function replayChild({ dir }) {
   const rng = seedRng(2n);
   const lp = (l, s) => w[`layers.${l}.${s}`];
   const cats = ["GEMV NF4 q/k/v/out", "GEMV NF4 fc1/fc2", "lm_head GEMV (BF16)", "attention", "norms + ReLU", "sampling (argmax)"];
+  const cpuNow = () => {
+    const c = process.cpuUsage();
+    return (c.user + c.system) / 1000;
+  };
+  // acc[part] = [wall ms, CPU ms]
   const replay = (acc) => {
     let t = now();
+    let tc = cpuNow();
     const tick = (c) => {
       const e = now();
-      acc[c] += e - t;
+      const ec = cpuNow();
+      acc[c][0] += e - t;
+      acc[c][1] += ec - tc;
       t = e;
+      tc = ec;
     };
     const x = buf.x;
     for (let l = 0; l < L; l++) {
@@ -297,6 +314,7 @@ async function replayChild({ dir }) {
       tick(cats[1]);
       engineOps.layerNorm(x, null, null, 1, H, 1e-5).forEach((v, i) => (x[i] = v)); // keep x bounded (not timed as a part)
       t = now();
+      tc = cpuNow();
     }
     const xf = engineOps.layerNorm(x, w["norm.weight"], w["norm.bias"], 1, H, 1e-5);
     tick(cats[4]);
@@ -338,20 +356,21 @@ async function replayChild({ dir }) {
     const steps = [];
     for (let i = 0; i < 40; i++) {
       model.native.truncateSequence(seq, CTX - 1);
-      const s = now();
-      model.native.forward(row, { out: lg });
-      row[0].tokens[0] = sampleToken(lg, 0, V, GREEDY, null, rng);
-      steps.push(now() - s);
+      const m = measure(() => {
+        model.native.forward(row, { out: lg });
+        row[0].tokens[0] = sampleToken(lg, 0, V, GREEDY, null, rng);
+      });
+      steps.push([m.wall, m.cpu / threads]);
     }
     model.native.dropSequence(seq);
-    const per = Object.fromEntries(cats.map((c) => [c, Infinity]));
-    for (let i = 0; i < 25; i++) {
-      const acc = Object.fromEntries(cats.map((c) => [c, 0]));
+    const per = Object.fromEntries(cats.map((c) => [c, [Infinity, Infinity]]));
+    for (let i = 0; i < 18; i++) {
+      const acc = Object.fromEntries(cats.map((c) => [c, [0, 0]]));
       replay(acc);
-      if (i >= 3) for (const c of cats) per[c] = Math.min(per[c], acc[c]);
+      if (i >= 3) for (const c of cats) for (const k of [0, 1]) per[c][k] = Math.min(per[c][k], k ? acc[c][1] / threads : acc[c][0]);
     }
-    steps.sort((a, b) => a - b);
-    res.threads[threads] = { stepMs: steps[0], stepMedMs: steps[steps.length >> 1], per, regionUs };
+    const col = (k) => steps.map((x) => x[k]).sort((a, b) => a - b);
+    res.threads[threads] = { step: [col(0)[0], col(1)[0]], stepMed: [col(0)[20], col(1)[20]], per, regionUs };
   }
   model.dispose();
   return res;
@@ -390,7 +409,32 @@ async function decodeLoopChild({ dir, seconds, rows: nrows }) {
 // =============================================================================================
 // Parent
 // =============================================================================================
-function runChild(mode, args, threads) {
+
+/** On a shared tree someone may be rebuilding the addon (npm install runs node-gyp rebuild): wait. */
+function waitForAddon() {
+  const kernelsDir = fileURLToPath(new URL("../libs/kernels", import.meta.url));
+  for (let i = 0; i < 60; i++) {
+    // a node-gyp running in libs/kernels (not one in some other tree or container build)
+    const pids = (spawnSync("pgrep", ["-f", "node-gyp"], { encoding: "utf8" }).stdout ?? "").split("\n").filter(Boolean);
+    const building = pids.some((pid) => {
+      try {
+        return readlinkSync(`/proc/${pid}/cwd`).startsWith(kernelsDir);
+      } catch {
+        return false;
+      }
+    });
+    let ok = false;
+    try {
+      ok = statSync(ADDON).isFile();
+    } catch {}
+    if (ok && !building) return;
+    if (i === 0) console.error("model.bench: waiting for the native addon (a rebuild is running)…");
+    spawnSync("sleep", ["5"]);
+  }
+}
+
+function runChild(mode, args, threads, retry = true) {
+  waitForAddon();
   const r = spawnSync(process.execPath, [SELF, mode, JSON.stringify(args)], {
     env: { ...process.env, QLORA_THREADS: String(threads) },
     encoding: "utf8",
@@ -399,6 +443,10 @@ function runChild(mode, args, threads) {
   });
   const line = (r.stdout ?? "").split("\n").find((l) => l.startsWith("RESULT "));
   if (r.status !== 0 || !line) {
+    if (retry) {
+      console.error(`model.bench: ${mode} ${args.preset ?? ""} failed (exit ${r.status}); retrying once`);
+      return runChild(mode, args, threads, false);
+    }
     process.stdout.write(r.stdout ?? "");
     throw new Error(`${mode} ${args.preset ?? ""} threads ${threads} failed (exit ${r.status}, signal ${r.signal})`);
   }
@@ -407,20 +455,20 @@ function runChild(mode, args, threads) {
 
 // perf symbol → part of the decode step
 const PERF_PARTS = [
-  ["GEMV NF4", /rowDotNf4|forwardSmallM|permuteXNf4/],
+  ["GEMV NF4 (+ row loop)", /rowDotNf4|forwardSmallM|permuteXNf4/],
   ["GEMV BF16 (lm_head)", /rowDotDense\w*<\d+, \(qk::FloatType\)2>/],
   ["attention", /attention|dotAvx2|axpyAvx2|expShiftSum|maxOf|qk::dot\b|qk::axpy/],
   ["norms / act / embed", /[Nn]orm|activation|relu|silu|gelu|rope|embedding|tableRow|qk::scale|scaleAvx2|bf16ToFloat/],
   ["sampling", /sampl|argmax/i],
-  ["pool: spin / yield / sleep", /parallelFor|ThreadPool|sched_yield|do_sched_yield|finish_task_switch|__schedule|schedule|futex|_raw_spin|pick_next|update_curr|switch_to|irqentry_exit|syscall|entry_SYSCALL|__x64_sys/],
+  ["pool: spin / yield / sleep", /parallelFor|ThreadPool|sched_yield|finish_task_switch|__schedule|\bschedule\b|futex|pick_next|update_curr|switch_to|__sched_yield/],
   ["N-API / V8 / JS", /Napi|v8::|Builtins_|node::|uv_|\[JIT\]|0x0000|^0x|LazyCompile|Interpreter/],
 ];
 
 /** perf record (attached after load) a decode loop; returns shares of the CPU samples by part. */
 async function perfDecode(dir, threads, nrows, seconds) {
+  waitForAddon();
   const { spawn } = await import("node:child_process");
   const { mkdirSync } = await import("node:fs");
-  const { join } = await import("node:path");
   const { benchCacheDir } = await import("./checkpoints.mjs");
   const outDir = join(benchCacheDir(), "perf");
   mkdirSync(outDir, { recursive: true });
@@ -450,9 +498,9 @@ async function perfDecode(dir, threads, nrows, seconds) {
     if (!m) continue;
     const pct = Number(m[1]);
     const sym = m[4].trim();
-    const hit = PERF_PARTS.find(([, re]) => re.test(sym) || (m[2] === "node" && /N-API/.test(re.source) && false));
-    let part = hit ? hit[0] : m[2] === "node" || m[2].startsWith("[JIT]") || m[2].startsWith("perf-") ? "N-API / V8 / JS" : m[3] === "k" ? "other kernel" : "other";
-    if (hit && hit[0] === "pool: spin / yield / sleep" && m[3] === "k" && !/sched|schedule|futex|switch|yield|pick_next|update_curr/.test(sym)) part = "other kernel";
+    const hit = PERF_PARTS.find(([, re]) => re.test(sym));
+    const js = m[2] === "node" || m[2].startsWith("[JIT]") || m[2].startsWith("perf-");
+    const part = hit ? hit[0] : js ? "N-API / V8 / JS" : m[3] === "k" ? "other kernel" : "other";
     parts[part] += pct;
     if (top.length < 8) top.push(`${pct.toFixed(1)}% ${sym.replace(/\(anonymous namespace\)::/g, "").slice(0, 70)}`);
   }
@@ -489,7 +537,7 @@ async function main() {
   const models = (process.env.BENCH_MODELS ?? "opt-125m,smollm2-135m,llama-3.2-1b").split(",").filter(Boolean);
   const threadList = (process.env.BENCH_THREADS ?? "1,2").split(",").map(Number);
   const repeats = Number(process.env.BENCH_REPEATS ?? 3);
-  const decodeS = Number(process.env.BENCH_DECODE_S ?? 0.75);
+  const decodeS = Number(process.env.BENCH_DECODE_S ?? 0.5);
   const prefillLen = Number(process.env.BENCH_PREFILL ?? 512);
   const profile = (process.env.BENCH_PROFILE ?? "1") !== "0";
   const t0 = now();
@@ -520,7 +568,7 @@ async function main() {
       // the 1B model's prefill takes ~10-50 s per run here: by default only at the most threads
       prefillAt: big && process.env.BENCH_FULL !== "1" ? [Math.max(...threadList)] : threadList,
       warmup: !big,
-      ctxTokens: big ? 3 : 16,
+      ctxTokens: big ? 4 : 16,
     };
     const cached = fileCached(join(ck[p].dir, "model.safetensors"));
     const load = Math.max(...threadList);
@@ -535,13 +583,20 @@ async function main() {
   console.log(`Llama-3.2-1B: one decode run (>= 3 steps) and one prefill per thread count; its first prefill is cold (scratch growth, first-touch KV pages)`);
   console.log(`figures from wall time; in parentheses from CPU time / threads (other processes steal time slices on this shared machine; see docs/benchmarks-method.md)`);
   console.log(`copy bandwidth (streamCopy 128 MiB, read+write): ${threadList.map((t) => `${t} thr ${pair(copy[t])} GB/s`).join(", ")}`);
+  try {
+    const root = fileURLToPath(new URL("..", import.meta.url));
+    const head = spawnSync("git", ["-C", root, "rev-parse", "--short", "HEAD"], { encoding: "utf8" }).stdout.trim();
+    const dirty = spawnSync("git", ["-C", root, "status", "--porcelain", "--", "libs/kernels/csrc", "libs/model/src"], { encoding: "utf8" }).stdout.trim() !== "";
+    const addon = statSync(join(root, "libs/kernels/build/Release/qlora_kernels.node")).mtime.toISOString();
+    console.log(`code: ${head}${dirty ? " + uncommitted kernel/model changes" : ""}; addon built ${addon}`);
+  } catch {}
   console.log(`load average (1/5/15 min): before ${load0.map((x) => x.toFixed(2)).join(" ")}, after ${load1.map((x) => x.toFixed(2)).join(" ")}`);
   console.log("");
-  console.log("| model | weights handed to the engine MB (NF4 linears + BF16 rest) | load s: wall (CPU), threads, file in page cache | RSS after load MiB | peak RSS MiB | cold TTFT ms (first prefill, all threads) |");
-  console.log("|---|---|---|---|---|---|");
+  console.log("| model | weights handed to the engine MB (NF4 linears + BF16 rest) | load s: wall (CPU), threads, file in page cache | RSS after load MiB | peak RSS MiB | engine residentBytes() at the end MiB | cold TTFT ms (first prefill, all threads) |");
+  console.log("|---|---|---|---|---|---|---|");
   for (const p of models) {
     const r = perModel[p];
-    console.log(`| ${p} | ${(r.weightBytes / 1e6).toFixed(0)} (${(r.bytes.nf4 / 1e6).toFixed(0)} + ${((r.weightBytes - r.bytes.nf4) / 1e6).toFixed(0)}) | ${pair([r.load[0] / 1000, r.load[1] / 1000], 2)}, ${r.loadThreads} thr, ${r.cached === null ? "?" : f(r.cached * 100, 0) + "%"} | ${mb(r.rssAfterLoad)} | ${mb(r.hwm)} | ${r.coldTtft ? pair(r.coldTtft, 0) : "see below"} |`);
+    console.log(`| ${p} | ${(r.weightBytes / 1e6).toFixed(0)} (${(r.bytes.nf4 / 1e6).toFixed(0)} + ${((r.weightBytes - r.bytes.nf4) / 1e6).toFixed(0)}) | ${pair([r.load[0] / 1000, r.load[1] / 1000], 2)}, ${r.loadThreads} thr, ${r.cached === null ? "?" : f(r.cached * 100, 0) + "%"} | ${mb(r.rssAfterLoad)} | ${mb(r.hwm)} | ${mb(r.residentBytes)} | ${r.coldTtft ? pair(r.coldTtft, 0) : "see below"} |`);
   }
   console.log("");
   console.log(`| model | threads | decode b1 tok/s | decode b1 @${prefillLen} ctx | decode b8 tok/s | prefill ${prefillLen} tok/s | TTFT ${prefillLen} ms |`);
@@ -576,19 +631,21 @@ async function main() {
   if (profile && ck["opt-125m"]) {
     const pr = runChild("--replay", { dir: ck["opt-125m"].dir }, 2);
     console.log("");
-    console.log(`OPT-125m decode step, op by op (context ${pr.ctx}; minimum over 22 replays; one N-API call = ${pr.napiUs.toFixed(2)} µs, × ${pr.nativeCalls} calls in a replay)`);
+    console.log(`OPT-125m decode step, op by op (context ${pr.ctx}; per part the minimum over 15 replays, CPU time / threads, wall in parentheses;`);
+    console.log(`one N-API call = ${pr.napiUs.toFixed(2)} µs wall, × ${pr.nativeCalls} calls in a replay)`);
     console.log("");
     const ts = Object.keys(pr.threads);
-    console.log(`| part | ${ts.map((t) => `${t} thr ms | share`).join(" | ")} |`);
+    const ms = (p) => `${p[1].toFixed(2)} (${p[0].toFixed(2)})`;
+    console.log(`| part | ${ts.map((t) => `${t} thr: ms | share`).join(" | ")} |`);
     console.log(`|---|${ts.map(() => "---|---").join("|")}|`);
-    for (const c of pr.cats) {
-      console.log(`| ${c} | ${ts.map((t) => `${pr.threads[t].per[c].toFixed(3)} | ${((pr.threads[t].per[c] / pr.threads[t].stepMs) * 100).toFixed(0)}%`).join(" | ")} |`);
-    }
+    const share = (t, v) => `${((v / pr.threads[t].step[1]) * 100).toFixed(0)}%`;
+    for (const c of pr.cats) console.log(`| ${c} | ${ts.map((t) => `${ms(pr.threads[t].per[c])} | ${share(t, pr.threads[t].per[c][1])}`).join(" | ")} |`);
     const napi = (pr.napiUs * pr.nativeCalls) / 1000;
-    const sum = (t) => pr.cats.reduce((a, c) => a + pr.threads[t].per[c], 0) - napi;
-    console.log(`| replay total − N-API calls | ${ts.map((t) => `${sum(t).toFixed(3)} | ${((sum(t) / pr.threads[t].stepMs) * 100).toFixed(0)}%`).join(" | ")} |`);
-    console.log(`| engine step: forward + sample, min (median) | ${ts.map((t) => `${pr.threads[t].stepMs.toFixed(3)} (${pr.threads[t].stepMedMs.toFixed(3)}) | 100%`).join(" | ")} |`);
-    console.log(`| one parallel region (tiny split GEMV), µs | ${ts.map((t) => `${pr.threads[t].regionUs.toFixed(1)} | `).join(" | ")} |`);
+    const sum = (t, k) => pr.cats.reduce((a, c) => a + pr.threads[t].per[c][k], 0) - napi;
+    console.log(`| replay total − N-API calls | ${ts.map((t) => `${ms([sum(t, 0), sum(t, 1)])} | ${share(t, sum(t, 1))}`).join(" | ")} |`);
+    console.log(`| engine step (forward + sampling), min | ${ts.map((t) => `${ms(pr.threads[t].step)} | 100%`).join(" | ")} |`);
+    console.log(`| engine step, median | ${ts.map((t) => `${ms(pr.threads[t].stepMed)} | `).join(" | ")} |`);
+    console.log(`| one parallel region (tiny split GEMV), µs wall | ${ts.map((t) => `${pr.threads[t].regionUs.toFixed(1)} | `).join(" | ")} |`);
 
     if ((process.env.BENCH_PERF ?? "1") !== "0" && hasPerf()) {
       const runs = [];

@@ -11,6 +11,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import type { AddressInfo } from "node:net";
 import { isQloraError } from "@qlora/core";
 import { defaultHubCacheDir, downloadHfModel, parseHfRef, SNAPSHOT_FILE, type HubDownloadOptions, type HubProgress } from "../src/hub/index.js";
@@ -450,5 +451,62 @@ test("cancelling keeps the partial file for the next run", async () => {
     const snap = await downloadHfModel(parseHfRef("hf://org/tiny"), opts(hub, cacheDir));
     assert.deepEqual(readFileSync(join(snap.dir, files[7]!.path)), files[7]!.data);
     assert.ok(hub.log.some((r) => r.range === `bytes=${kept}-`));
+  });
+});
+
+/** The demo needs the engine's training API (native backward) and the training loop. */
+async function trainingMissing(): Promise<string | false> {
+  const kernels = (await import("@qlora/kernels")) as unknown as { NativeModel?: { prototype?: Record<string, unknown> } };
+  const model = (await import("@qlora/model")) as Record<string, unknown>;
+  if (typeof kernels.NativeModel?.prototype?.["trainForwardBackward"] !== "function") return "the native engine has no training API yet (NativeModel.trainForwardBackward)";
+  if (typeof model["train"] !== "function") return "@qlora/model does not export the training loop yet";
+  return false;
+}
+
+test("qlora demo --model hf://…: downloads (HF_ENDPOINT, HF_TOKEN, QLORA_CACHE_DIR) and runs the pipeline on it", { skip: await trainingMissing() }, async () => {
+  const { writeDemoModel } = await import("../src/demo/tiny-model.js");
+  await withHub(async (hub, cacheDir) => {
+    const modelDir = join(cacheDir, "source");
+    await writeDemoModel(modelDir);
+    const files = readdirSync(modelDir).map((f) => ({ path: f, data: readFileSync(join(modelDir, f)), lfs: f.endsWith(".safetensors") }));
+    files.push({ path: "pytorch_model.bin", data: randomBytes(64), lfs: true });
+    const sha = hub.addRepo("org/tiny-demo", files);
+    hub.token = "hf_demo";
+    const dataDir = join(cacheDir, "data");
+    const { spawn } = await import("node:child_process");
+    const main = join(fileURLToPath(new URL("../src/main.js", import.meta.url)));
+    const r = await new Promise<{ code: number | null; stdout: string; stderr: string }>((done, fail) => {
+      const p = spawn(process.execPath, [main, "demo", "--model", "hf://org/tiny-demo", "--steps", "2", "--max-new-tokens", "8", "--data-dir", dataDir, "--json"], {
+        env: { ...process.env, HF_ENDPOINT: hub.hubUrl, HF_TOKEN: "hf_demo", QLORA_CACHE_DIR: join(cacheDir, "cache"), QLORA_DEBUG: "1" },
+      });
+      let stdout = "";
+      let stderr = "";
+      p.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+      p.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+      p.on("error", fail);
+      p.on("close", (code) => done({ code, stdout, stderr }));
+    });
+    assert.equal(r.code, 0, r.stderr);
+    const events = r.stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown> & { event: string });
+    const plan = events.find((e) => e.event === "plan") as unknown as { model: { kind: string; spec: string } };
+    assert.deepEqual([plan.model.kind, plan.model.spec], ["hub", "hf://org/tiny-demo"]);
+    const downloads = events.filter((e) => e.event === "download");
+    assert.ok(downloads.length > 0);
+    const snapshot = join(cacheDir, "cache", "hub", "models--org--tiny-demo", "snapshots", sha);
+    assert.ok(events.some((e) => e.event === "note" && String(e.message).includes(`Downloaded hf://org/tiny-demo (commit ${sha.slice(0, 12)}) in ${snapshot}`)));
+    assert.ok(existsSync(join(snapshot, "model.safetensors")));
+    // The model went through the services under the repository's name.
+    const uploaded = events.find((e) => e.event === "uploaded" && e.kind === "model")!;
+    assert.equal(uploaded.name, "tiny-demo");
+    assert.equal(uploaded.files, readdirSync(modelDir).length);
+    const result = events.at(-1)! as unknown as { event: string; nf4Model: string; losses: unknown[]; adapterGeneration: { completionTokens: number } };
+    assert.equal(result.event, "result");
+    assert.equal(result.nf4Model, "tiny-demo-nf4");
+    assert.equal(result.losses.length, 2);
+    assert.equal(result.adapterGeneration.completionTokens, 8);
+    // Every hub request carried the token; the CDN got none, and the .bin was never fetched.
+    assert.ok(hub.log.filter((q) => q.server === "hub").every((q) => q.authorization === "Bearer hf_demo"));
+    assert.ok(hub.log.filter((q) => q.server === "cdn").every((q) => q.authorization === undefined));
+    assert.ok(!hub.log.some((q) => q.path.includes("pytorch_model")));
   });
 });

@@ -4,3 +4,4 @@ export { serve } from "./serve.js";
 export { evalCommand } from "./eval.js";
 export { generate } from "./generate.js";
 export { train } from "./train.js";
+export { demo } from "./demo.js";

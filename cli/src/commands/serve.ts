@@ -1,21 +1,23 @@
 import { mkdir } from "node:fs/promises";
-import path from "node:path";
 import { FailedPrecondition } from "@qlora/core";
 import { startServer, type ServiceRegistration } from "@qlora/rpc";
-import { LocalStore } from "@qlora/store";
+import { createStoreFromEnv } from "@qlora/store";
 import { defineCommand, UsageError } from "../command.js";
+import { checkJobStoreInUse, describeStores, openJobStore, resolveDevice, serverConfigFromEnv } from "../config.js";
 import { writeJsonLine } from "../output.js";
 import { availableServices, SERVICES } from "../services.js";
 
 export const serve = defineCommand({
   name: "serve",
   summary: "Run the gRPC services (quantizer, trainer, inference) on one port",
-  usage: "qlora serve [--services NAME,…] [--port N] [--host H] --data-dir DIR",
+  usage: "qlora serve [--services NAME,…] [--port N] [--host H] --data-dir DIR [--store local|s3] [--job-store sqlite|postgres] [--device auto|cpu|cuda] [--replica-id ID]",
   description: [
     "Starts the named services in this process on one port that speaks gRPC, gRPC-Web and Connect,",
     "over HTTP/2 without TLS (h2c, what gRPC clients use) and HTTP/1.1 (browsers, curl). Every server",
     "also answers grpc.health.v1.Health and gRPC server reflection. Artifacts (models, datasets,",
-    "adapters) live in the data directory. Stops gracefully on SIGTERM or Ctrl-C.",
+    "adapters) live in the data directory, or in S3 (QLORA_STORE=s3, QLORA_S3_*); trainer jobs in SQLite in",
+    "the data directory, or in PostgreSQL (QLORA_JOB_STORE=postgres, QLORA_DATABASE_URL). Flags win over the",
+    "environment (docs/integration.md, \"Server configuration\"). Stops gracefully on SIGTERM or Ctrl-C.",
     "",
     `Services: ${Object.keys(SERVICES).join(", ")} (available in this build: ${availableServices().join(", ")}).`,
   ].join("\n"),
@@ -23,37 +25,57 @@ export const serve = defineCommand({
     services: { type: "string", value: "NAME,…", multiple: true, description: "Services to start", default: "all available" },
     port: { type: "string", short: "p", value: "N", description: "TCP port (0 picks a free one)", default: "50051" },
     host: { type: "string", value: "H", description: "Interface to bind (0.0.0.0 to expose)", default: "127.0.0.1" },
-    "data-dir": { type: "string", value: "DIR", description: "Artifact store directory (created if missing)", default: "$QLORA_DATA_DIR" },
+    "data-dir": { type: "string", value: "DIR", description: "Data directory: local store, caches, work files (created if missing)", default: "$QLORA_DATA_DIR" },
+    store: { type: "string", value: "KIND", description: "Artifact store: local (the data dir) or s3 (QLORA_S3_*)", default: "$QLORA_STORE or local" },
+    "job-store": { type: "string", value: "KIND", description: "Trainer job store: sqlite (the data dir) or postgres (QLORA_DATABASE_URL)", default: "$QLORA_JOB_STORE or sqlite" },
+    device: { type: "string", value: "D", description: "auto, cpu or cuda (cuda fails unless this build and machine have it)", default: "$QLORA_DEVICE or auto" },
+    "replica-id": { type: "string", value: "ID", description: "This replica's id in a shared job store", default: "$QLORA_REPLICA_ID, else the host name with postgres" },
   },
   async run({ args, io, json, signal }) {
-    const port = args.int("port", { min: 0, max: 65535 }) ?? 50051;
-    const host = args.string("host") ?? "127.0.0.1";
-    const dataDirArg = args.string("data-dir") ?? io.env.QLORA_DATA_DIR;
-    if (!dataDirArg) throw new UsageError("--data-dir is required (or set QLORA_DATA_DIR)");
-    const dataDir = path.resolve(io.cwd, dataDirArg);
+    const config = serverConfigFromEnv(
+      {
+        host: args.string("host"),
+        port: args.string("port"),
+        dataDir: args.string("data-dir"),
+        services: args.list("services"),
+        store: args.string("store"),
+        jobStore: args.string("job-store"),
+        device: args.string("device"),
+        replicaId: args.string("replica-id"),
+      },
+      io.env,
+      { cwd: io.cwd },
+    );
+    const { host, port, dataDir } = config;
 
-    const requested = args.list("services");
-    const names = requested.length ? [...new Set(requested)] : availableServices();
+    const names = config.services.length ? config.services : availableServices();
     for (const name of names) {
       const entry = SERVICES[name];
       if (!entry) throw new UsageError(`unknown service "${name}" (known: ${Object.keys(SERVICES).join(", ")})`);
       if (typeof entry !== "function") throw new FailedPrecondition(`service "${name}" is not available: ${entry.unavailable}`);
     }
 
+    const device = await resolveDevice(config.device);
     await mkdir(dataDir, { recursive: true });
-    const store = new LocalStore(dataDir);
+    const store = createStoreFromEnv(config.store.env, { dataDir });
+    // ServeContext plus what the trainer needs from the configuration (see cli/src/config.ts).
+    const ctx = { store, dataDir, config, device, replicaId: config.replicaId, openJobStore: () => openJobStore(config.jobStore) };
     const registrations: ServiceRegistration[] = [];
     for (const name of names) {
       const factory = SERVICES[name];
-      if (typeof factory === "function") registrations.push(await factory({ store, dataDir }));
+      if (typeof factory === "function") registrations.push(await factory(ctx));
     }
+    checkJobStoreInUse(config, registrations);
 
     const server = await startServer({ host, port, services: registrations });
     const qualified = registrations.map((r) => r.service.typeName);
+    const stores = describeStores(config);
+    const replicaId = config.replicaId ?? null;
     if (json) {
-      writeJsonLine(io, { event: "listening", url: server.url, host: server.host, port: server.port, services: qualified, dataDir });
+      writeJsonLine(io, { event: "listening", url: server.url, host: server.host, port: server.port, services: qualified, dataDir, ...stores, device, replicaId });
     } else {
-      io.stdout.write(`qlora serve: listening on ${server.url} (gRPC, gRPC-Web, Connect; h2c and HTTP/1.1) services: ${names.join(", ")} data: ${dataDir}\n`);
+      const extra = `store: ${stores.store}${stores.jobStore ? ` jobs: ${stores.jobStore}` : ""} device: ${device}${replicaId ? ` replica: ${replicaId}` : ""}`;
+      io.stdout.write(`qlora serve: listening on ${server.url} (gRPC, gRPC-Web, Connect; h2c and HTTP/1.1) services: ${names.join(", ")} data: ${dataDir} ${extra}\n`);
     }
 
     await new Promise<void>((resolve) => {

@@ -11,12 +11,12 @@
  */
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { mkdir, mkdtemp, readdir, readFile, rm, stat } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { basename, extname, join, resolve } from "node:path";
-import { createClient, type Client } from "@connectrpc/connect";
+import { ConnectError, createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import { Cancelled, errorMessage, FailedPrecondition, InvalidArgument, NotFound, QloraError } from "@qlora/core";
+import { Cancelled, FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
 import {
   FinishReason,
   InferenceService,
@@ -24,11 +24,7 @@ import {
   QuantizerService,
   Scheduler,
   TrainerService,
-  type UploadDatasetRequest,
-  type UploadModelRequest,
 } from "@qlora/proto";
-import type { MessageInitShape } from "@bufbuild/protobuf";
-import type { UploadDatasetRequestSchema, UploadModelRequestSchema } from "@qlora/proto";
 import { fromConnectError, startServer, type RunningServer } from "@qlora/rpc";
 import { LocalStore } from "@qlora/store";
 import { defaultHubCacheDir, downloadHfModel, HUB_SIDE_FILES, isHfRef, parseHfRef, type HubProgress } from "../hub/index.js";
@@ -53,20 +49,30 @@ export interface DemoTraining {
 }
 
 /**
- * Offline model: a random base memorising a short text. High learning rate and rank, every linear
- * layer: the adapter must carry all the knowledge. Sized to finish in about a minute on 2 cores.
+ * Offline model: a random base memorising a short text, so the adapter must carry all the knowledge:
+ * every linear layer, rank 16, a high learning rate. With the built-in story the block is the whole
+ * story (574 bytes = 574 tokens + BOS; see storyTraining), so every step is a full-batch step — the
+ * fastest way to memorise — and the prompt plus the whole generation stay inside the positions the
+ * adapter was trained on. Measured: the loss is 0.04 after 40 steps and the adapter recites the
+ * story verbatim (about 3 s of training on two idle cores, ~45 s on a busy machine). With other
+ * text (--data) the blocks are shorter and batched.
  */
 export const BUILTIN_TRAINING: Omit<DemoTraining, "loggingSteps"> = {
-  steps: 80,
+  steps: 40,
   rank: 16,
   alpha: 32,
   targets: ["all-linear"],
-  learningRate: 3e-3,
-  batchSize: 4,
-  blockSize: 64,
+  learningRate: 1e-2,
+  batchSize: 2,
+  blockSize: 256,
   warmupSteps: 4,
   seed: 42,
 };
+
+/** The built-in story in one block (the .txt dataset is cut into blocks from the file's start). */
+export function storyTraining(base: DemoTraining): DemoTraining {
+  return { ...base, batchSize: 1, blockSize: Buffer.byteLength(DEMO_TEXT) + 1 };
+}
 
 /** A real checkpoint (--model): it already speaks, so a gentler recipe still shows the change. */
 export const CHECKPOINT_TRAINING: Omit<DemoTraining, "loggingSteps"> = {
@@ -105,7 +111,7 @@ export type DemoEvent =
   | { type: "download"; progress: HubProgress }
   | { type: "note"; message: string }
   | { type: "listening"; url: string; services: string[] }
-  | { type: "upload"; kind: "model" | "dataset"; name: string; bytesDone: number; bytesTotal: number; file: string }
+  | { type: "upload"; kind: "model" | "dataset"; name: string; filesDone: number; filesTotal: number; bytesDone: number; bytesTotal: number; file: string }
   | { type: "uploaded"; kind: "model" | "dataset"; name: string; files: number; sizeBytes: number; ms: number }
   | { type: "quantize"; tensorsDone: number; tensorsTotal: number; bytesDone: number; bytesTotal: number; tensor: string }
   | { type: "quantized"; name: string; sizeBytesIn: number; sizeBytesOut: number; parameters: number; blocksize: number; ms: number }
@@ -185,9 +191,6 @@ async function sha256File(p: string): Promise<string> {
   return h.digest("hex");
 }
 
-type ModelUpload = MessageInitShape<typeof UploadModelRequestSchema>;
-type DatasetUpload = MessageInitShape<typeof UploadDatasetRequestSchema>;
-
 /**
  * The messages of a client-streamed upload: the first names the artifact; each file goes in
  * chunks, the last chunk of a file carries its sha256 so the server checks what it stored.
@@ -196,11 +199,12 @@ async function* uploadMessages(
   name: string,
   dir: string,
   files: { path: string; as: string }[],
-  onBytes: (done: number, file: string) => void,
+  onBytes: (done: number, file: string, filesDone: number) => void,
   signal: AbortSignal,
 ): AsyncGenerator<{ name?: string; overwrite?: boolean; chunk: { path: string; data: Uint8Array; last: boolean; sha256?: string } }> {
   let first = true;
   let done = 0;
+  let filesDone = 0;
   for (const f of files) {
     const full = join(dir, f.path);
     const digest = await sha256File(full);
@@ -216,7 +220,7 @@ async function* uploadMessages(
         first = false;
         sent += pending.length;
         done += pending.length;
-        onBytes(done, f.as);
+        onBytes(done, f.as, filesDone);
       }
       pending = chunk as Buffer;
     }
@@ -225,7 +229,7 @@ async function* uploadMessages(
     done += pending?.length ?? 0;
     sent += pending?.length ?? 0;
     if (sent !== size) throw new FailedPrecondition(`${full} changed while it was uploaded`);
-    onBytes(done, f.as);
+    onBytes(done, f.as, ++filesDone);
   }
 }
 
@@ -297,6 +301,7 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
 
   let server: RunningServer | undefined;
   const serviceLog: string[] = [];
+  let succeeded = false;
   try {
     // ---- the model -----------------------------------------------------------------------
     const data = await resolveData(o);
@@ -318,7 +323,12 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
     const builtin = model.kind === "builtin";
     const recipe = builtin ? BUILTIN_TRAINING : CHECKPOINT_TRAINING;
     const steps = o.steps ?? recipe.steps;
-    const training: DemoTraining = { ...recipe, steps, loggingSteps: Math.max(1, Math.round(steps / 20)) };
+    let training: DemoTraining = { ...recipe, steps, loggingSteps: Math.max(1, Math.round(steps / 20)) };
+    if (builtin && data.source.kind === "builtin") training = storyTraining(training);
+    if (builtin && data.source.kind === "file" && data.file.toLowerCase().endsWith(".txt") && data.source.bytes + 1 < training.blockSize) {
+      // One token per byte: a text shorter than a block would leave the trainer nothing to cut.
+      training.blockSize = Math.max(2, data.source.bytes + 1);
+    }
     const prompt = o.prompt ?? data.promptDefault;
     if (prompt.trim() === "") throw new InvalidArgument("the prompt is empty");
     if (builtin) {
@@ -350,6 +360,13 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
       modelDir = resolve(o.cwd, o.model!);
     }
     const modelFiles = await checkpointFiles(modelDir);
+    const maxPositions = await readFile(join(modelDir, "config.json"), "utf8")
+      .then((t) => Number((JSON.parse(t) as { max_position_embeddings?: unknown }).max_position_embeddings))
+      .catch(() => NaN);
+    if (Number.isInteger(maxPositions) && maxPositions >= 2 && maxPositions < training.blockSize) {
+      emit({ type: "note", message: `block size ${training.blockSize} → ${maxPositions} (the model's max_position_embeddings)` });
+      training.blockSize = maxPositions;
+    }
     checkCancel();
 
     // ---- the services ----------------------------------------------------------------------
@@ -381,8 +398,8 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
     for (const f of modelFiles) totalBytes += (await stat(join(modelDir, f))).size;
     let t = Date.now();
     const uploaded = await quantizer.uploadModel(
-      uploadMessages(baseName, modelDir, modelFiles.map((f) => ({ path: f, as: f })), (done, file) =>
-        emit({ type: "upload", kind: "model", name: baseName, bytesDone: done, bytesTotal: totalBytes, file }), signal) as AsyncIterable<ModelUpload> as AsyncIterable<UploadModelRequest>,
+      uploadMessages(baseName, modelDir, modelFiles.map((f) => ({ path: f, as: f })), (done, file, filesDone) =>
+        emit({ type: "upload", kind: "model", name: baseName, filesDone, filesTotal: modelFiles.length, bytesDone: done, bytesTotal: totalBytes, file }), signal),
       call,
     );
     emit({ type: "uploaded", kind: "model", name: baseName, files: uploaded.model?.files.length ?? modelFiles.length, sizeBytes: Number(uploaded.model?.sizeBytes ?? totalBytes), ms: Date.now() - t });
@@ -390,8 +407,8 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
     // ---- Quantize --------------------------------------------------------------------------
     let nf4Name = baseName;
     if (uploaded.model?.quantized) {
-      emit({ type: "note", message: `"${baseName}" is already NF4-quantized; training on it as it is` });
       stage("quantize", `Quantize (skipped: already NF4)`);
+      emit({ type: "note", message: `"${baseName}" is already NF4-quantized; training on it as it is` });
     } else {
       nf4Name = `${baseName}-nf4`;
       stage("quantize", `Quantize "${baseName}" → "${nf4Name}" (NF4, blocksize 64, double quantization)`);
@@ -426,15 +443,14 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
     if (data.source.kind === "builtin") {
       dataDirForUpload = scratch;
       dataFile = "story.txt";
-      const { writeFile } = await import("node:fs/promises");
       await writeFile(join(scratch, dataFile), DEMO_TEXT);
     }
     // The service takes a plain file name with a .txt/.jsonl extension: send a safe one.
     const uploadAs = `train${extname(dataFile).toLowerCase()}`;
     t = Date.now();
     const ds = await trainer.uploadDataset(
-      uploadMessages(datasetName, dataDirForUpload, [{ path: dataFile, as: uploadAs }], (done, file) =>
-        emit({ type: "upload", kind: "dataset", name: datasetName, bytesDone: done, bytesTotal: data.source.bytes, file }), signal) as AsyncIterable<DatasetUpload> as AsyncIterable<UploadDatasetRequest>,
+      uploadMessages(datasetName, dataDirForUpload, [{ path: dataFile, as: uploadAs }], (done, file, filesDone) =>
+        emit({ type: "upload", kind: "dataset", name: datasetName, filesDone, filesTotal: 1, bytesDone: done, bytesTotal: data.source.bytes, file }), signal),
       call,
     );
     emit({ type: "uploaded", kind: "dataset", name: datasetName, files: 1, sizeBytes: Number(ds.dataset?.sizeBytes ?? data.source.bytes), ms: Date.now() - t });
@@ -479,7 +495,9 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
           emit({ type: "job-state", state: JobState[finalState].toLowerCase(), message: finalMessage });
         } else if (ev.event.case === "metrics") {
           const m = ev.event.value;
-          if (m.evalLoss !== undefined && m.loss === 0) continue; // an eval record (the demo has no eval set)
+          // An evaluation repeats the snapshot with eval_loss set; the demo has no eval set, and
+          // the curve is of training loss only.
+          if (m.evalLoss !== undefined) continue;
           losses.push({ step: m.step, loss: m.loss });
           emit({
             type: "metrics",
@@ -526,7 +544,17 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
 
     // ---- Generate, without and with the adapter ---------------------------------------------
     stage("generate", "Generate (greedy) with the base alone and with the adapter");
-    const maxNewTokens = o.maxNewTokens ?? (builtin ? 120 : 64);
+    // The built-in pair: exactly the rest of the story (one token per byte), so a recitation ends
+    // where the story does.
+    const rest = Buffer.byteLength(DEMO_TEXT) - Buffer.byteLength(prompt);
+    let maxNewTokens = o.maxNewTokens ?? (builtin ? (data.source.kind === "builtin" && rest > 0 ? rest : 150) : 64);
+    // The service refuses a request that cannot fit the context. A prompt has at most one token
+    // per byte plus the special tokens, so this bound is safe without the tokenizer at hand.
+    const room = Number.isInteger(maxPositions) ? maxPositions - Buffer.byteLength(prompt) - 2 : Infinity;
+    if (room < maxNewTokens) {
+      maxNewTokens = Math.max(1, room);
+      emit({ type: "note", message: `generating ${maxNewTokens} tokens: the model's context is ${maxPositions} tokens` });
+    }
     const gens: Record<"base" | "adapter", { text: string; completionTokens: number }> = {
       base: { text: "", completionTokens: 0 },
       adapter: { text: "", completionTokens: 0 },
@@ -553,6 +581,7 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
     timings.generate = Date.now() - stageStart;
     current = undefined;
     timings.total = Date.now() - t0;
+    succeeded = true;
     return {
       dataDir,
       dataDirIsTemp,
@@ -571,14 +600,8 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
     };
   } catch (e) {
     if (signal.aborted && !(e instanceof Cancelled)) throw new Cancelled("demo cancelled", { cause: e });
-    const err = e instanceof QloraError ? e : (() => {
-      // Errors from the services arrive as ConnectErrors: back to the typed error they were.
-      try {
-        return fromConnectError(e);
-      } catch {
-        return e;
-      }
-    })();
+    // Errors from the services arrive as ConnectErrors: back to the typed error they were.
+    const err = e instanceof ConnectError ? fromConnectError(e) : e;
     if (serviceLog.length > 0 && err instanceof Error) {
       // What the services logged explains most failures; keep it with the error.
       (err as Error & { serviceLog?: string[] }).serviceLog = serviceLog.slice(-20);
@@ -588,9 +611,7 @@ export async function runDemo(o: DemoOptions, emit: (e: DemoEvent) => void): Pro
     o.signal.removeEventListener("abort", onAbort);
     if (server) await server.close().catch(() => undefined);
     await rm(scratch, { recursive: true, force: true });
+    // A temporary store of a failed run holds nothing worth keeping; a given --data-dir is left alone.
+    if (!succeeded && dataDirIsTemp) await rm(dataDir, { recursive: true, force: true });
   }
-}
-
-export function describeError(e: unknown): string {
-  return errorMessage(e);
 }

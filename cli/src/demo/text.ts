@@ -7,15 +7,11 @@
  * positions it is prompted at: a freshly trained adapter continues it with the story's own words,
  * while the untrained base only babbles.
  */
-export const DEMO_TEXT = `The lighthouse keeper of Gull Rock kept a ledger of every ship that passed. She wrote the name, the hour and the colour of the sails, and at the end of each week she read the whole list aloud to the cat.
+export const DEMO_TEXT = `The lighthouse keeper of Gull Rock kept a ledger of every ship that passed. She wrote down the name, the hour and the colour of the sails, and on Sundays she read the whole list aloud to her cat.
 
-In the spring a small green boat came by every morning at seven. It carried no name on its bow, so the keeper called it the Pea. The Pea never stopped and never waved, but it always rang its bell twice when it passed the rock.
+Every morning at seven a small green boat went by. It had no name, so she called it the Pea. The Pea never stopped, but it rang its bell twice as it passed the rock.
 
-One foggy day the bell rang three times. The keeper climbed the stairs, lit the great lamp and watched the water. Out of the grey came the Pea, slowly, with a broken mast and a fisherman who had lost his way.
-
-She guided him in with the light and gave him tea and bread. He told her that the bell meant thank you, and that three rings meant please. After that the keeper wrote a new line in her ledger: the Pea, seven o'clock, green sails, a friend.
-
-Every evening since, when the lamp turns over the sea, the keeper rings a bell of her own, twice, for the boats she cannot see.
+One foggy night the bell rang three times. The keeper lit the great lamp and guided the Pea home. Since then, when the lamp turns over the sea, she rings a bell of her own, twice, for the boats she cannot see.
 `;
 
 /** The words the demo prompts both models with: the opening of DEMO_TEXT. */

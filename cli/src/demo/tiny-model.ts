@@ -30,7 +30,8 @@ export function demoModelConfig(): Record<string, string | number | boolean | nu
     num_key_value_heads: 4,
     head_dim: 32,
     vocab_size: DEMO_VOCAB_SIZE,
-    max_position_embeddings: 256,
+    // Room for the whole built-in story in one training sequence (575 tokens).
+    max_position_embeddings: 1024,
     rms_norm_eps: 1e-5,
     rope_theta: 10000,
     hidden_act: "silu",
@@ -130,37 +131,88 @@ export function llamaParameterCount(c: { hidden_size: number; intermediate_size:
   return 2 * c.vocab_size * h + c.num_hidden_layers * layer + h;
 }
 
+export interface DemoModelOptions {
+  seed?: number;
+  /** Standard deviations of the random weights, by role (experiments; the demo uses the defaults). */
+  std?: Partial<WeightScales>;
+  /** config.json fields to change (experiments; the demo uses the defaults). */
+  config?: Record<string, number>;
+}
+
+export interface WeightScales {
+  /** embed_tokens. */
+  embed: number;
+  /** Every linear layer inside the decoder blocks. */
+  layers: number;
+  /** The output layer. */
+  lmHead: number;
+}
+
+/**
+ * Why three scales (measured, see docs/demo.md): with the decoder layers a little larger than
+ * transformers' initializer_range (0.12 instead of 0.02) the random layers mix the context into
+ * rich features that a LoRA update can pick from — with 0.02 the base passes tokens through almost
+ * unchanged and the adapter learns far slower. The output layer is larger still, because after the
+ * final RMSNorm the largest logit margin an adapter can reach is about std·hidden: 0.15·128 ≈ 19
+ * allows confident predictions, 0.02 (≈ 2.6) never would.
+ */
+export const DEFAULT_SCALES: WeightScales = { embed: 0.08, layers: 0.12, lmHead: 0.15 };
+
 /** Writes the offline model (config, weights, tokenizer, generation config) into `dir`. */
-export async function writeDemoModel(dir: string, seed = 1234): Promise<DemoModelInfo> {
-  const { writeSyntheticCheckpoint } = await import("@qlora/formats");
-  const config = demoModelConfig();
+export async function writeDemoModel(dir: string, opts: DemoModelOptions = {}): Promise<DemoModelInfo> {
+  const { canonicalToHf, encodeFloats, expectedWeights, parseModelConfig, pyJsonDumps, seededNormal, ShardedSafetensorsWriter } = await import("@qlora/formats");
+  const config = { ...demoModelConfig(), ...opts.config };
+  const scales = { ...DEFAULT_SCALES, ...opts.std };
+  const seed = opts.seed ?? 1234;
+  const cfg = parseModelConfig(config);
   await mkdir(dir, { recursive: true });
-  await writeSyntheticCheckpoint(dir, config, {
-    seed,
-    // Large enough that the random lm_head gives the adapter room for confident predictions
-    // (logit scale ≈ std·√hidden), small enough that the random base stays numerically tame.
-    std: 0.08,
-    keepValues: false,
-    files: {
-      "tokenizer.json": JSON.stringify(byteLevelTokenizerJson()),
-      "tokenizer_config.json": JSON.stringify(
-        {
-          tokenizer_class: "PreTrainedTokenizerFast",
-          bos_token: "<s>",
-          eos_token: "</s>",
-          pad_token: "<pad>",
-          add_bos_token: true,
-          add_eos_token: false,
-          clean_up_tokenization_spaces: false,
-          model_max_length: config.max_position_embeddings,
-        },
-        null,
-        2,
-      ),
-      "special_tokens_map.json": JSON.stringify({ bos_token: "<s>", eos_token: "</s>", pad_token: "<pad>" }, null, 2),
-      "generation_config.json": JSON.stringify({ bos_token_id: 1, eos_token_id: 2, pad_token_id: 0, do_sample: false }, null, 2),
-    },
-  });
+
+  const plan = [...expectedWeights(cfg)]
+    .filter(([, exp]) => exp.required)
+    .map(([name, exp]) => ({ name, key: canonicalToHf(name, "llama", "model."), shape: exp.shape }));
+  const w = await ShardedSafetensorsWriter.create(
+    dir,
+    plan.map((p) => ({ name: p.key, dtype: "F32" as const, shape: p.shape })),
+    { maxShardSize: Number.MAX_SAFE_INTEGER },
+  );
+  try {
+    for (let t = 0; t < plan.length; t++) {
+      const p = plan[t]!;
+      // One generator per tensor, so each tensor depends only on the seed and its position.
+      const normal = seededNormal((Math.imul(seed, 0x9e3779b1) + t) >>> 0);
+      const v = new Float32Array(p.shape.reduce((a, b) => a * b, 1));
+      const isNorm = /norm/.test(p.name);
+      const std = p.name === "embed_tokens" ? scales.embed : p.name === "lm_head" ? scales.lmHead : scales.layers;
+      for (let i = 0; i < v.length; i++) v[i] = isNorm ? 1 : std * normal();
+      await w.write(p.key, encodeFloats(v, "F32"));
+    }
+    await w.finish();
+  } catch (e) {
+    await w.abort();
+    throw e;
+  }
+  const files: Record<string, string> = {
+    "config.json": pyJsonDumps(config, { indent: 2, sortKeys: true }) + "\n",
+    "tokenizer.json": JSON.stringify(byteLevelTokenizerJson()),
+    "tokenizer_config.json": JSON.stringify(
+      {
+        tokenizer_class: "PreTrainedTokenizerFast",
+        bos_token: "<s>",
+        eos_token: "</s>",
+        pad_token: "<pad>",
+        add_bos_token: true,
+        add_eos_token: false,
+        clean_up_tokenization_spaces: false,
+        model_max_length: config.max_position_embeddings,
+      },
+      null,
+      2,
+    ),
+    "special_tokens_map.json": JSON.stringify({ bos_token: "<s>", eos_token: "</s>", pad_token: "<pad>" }, null, 2),
+    "generation_config.json": JSON.stringify({ bos_token_id: 1, eos_token_id: 2, pad_token_id: 0, do_sample: false }, null, 2),
+  };
+  for (const [name, text] of Object.entries(files)) await writeFile(join(dir, name), text);
+
   const c = config as unknown as Parameters<typeof llamaParameterCount>[0];
   const parameters = llamaParameterCount(c);
   const description =

@@ -7,18 +7,57 @@
  * reads the first bytes of each connection: the HTTP/2 client preface ("PRI * HTTP/2.0…") sends it
  * to an http2 server, anything else to an http server. The bytes read are put back with unshift();
  * the http2 session picks up a socket's buffered bytes before consuming its native handle.
+ *
+ * With `tls`, the listener is a TLS server instead: ALPN picks HTTP/2 ("h2") or HTTP/1.1, and
+ * with a client CA it is mutual TLS. Without TLS only loopback addresses are allowed unless
+ * `allowInsecure` says otherwise.
+ *
+ * Every request (RPC or plain HTTP route) gets a request id and trace context (context.ts),
+ * echoed in `x-request-id` / `traceparent` response headers; then, for RPCs, interceptors in this
+ * order: access log → metrics → tokens/permissions/quotas → audit → error mapping → handler.
+ * Plain HTTP routes (`http`) are tried before connect's router and get the same treatment.
  */
 import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
+import tls from "node:tls";
 import type { DescService } from "@bufbuild/protobuf";
-import { Code, ConnectError, type ConnectRouter, type ServiceImpl } from "@connectrpc/connect";
+import {
+  Code,
+  ConnectError,
+  createContextValues,
+  createRouterTransport,
+  type ConnectRouter,
+  type Interceptor,
+  type ServiceImpl,
+  type Transport,
+} from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { FailedPrecondition } from "@qlora/core";
 import { health, reflectionV1, reflectionV1alpha } from "@qlora/proto";
-import { errorMappingInterceptor, defaultInternalErrorReporter, type InternalErrorReporter } from "./errors.js";
+import { errorMappingInterceptor, toConnectError, type InternalErrorReporter } from "./errors.js";
 import { HealthRegistry, healthImpl } from "./health.js";
 import { DescriptorIndex, reflectionV1Impl, reflectionV1alphaImpl } from "./reflection.js";
+import { AuditLog, auditInterceptor, type AuditEvent } from "./audit.js";
+import { authInterceptor, requestAuthOf, type Authenticator, type Principal } from "./auth.js";
+import { currentRequest, newRequestInfo, requestInfoKey, responseHeadersOf, runWithRequest, type RequestInfo } from "./context.js";
+import {
+  HttpError,
+  codeName,
+  connectErrorBody,
+  matchRoute,
+  normalizeRoutePath,
+  readBody,
+  readJsonBody,
+  sendJson,
+  type HttpContext,
+  type HttpRequest,
+  type HttpResponse,
+  type HttpRoute,
+} from "./http-routes.js";
+import { jsonLogger, requestLogFields, type Logger } from "./log.js";
+import { ServerMetrics } from "./metrics.js";
+import { isLoopbackHost, isTlsFiles, loadTlsPem, peerCertSubject, secureOptions, tlsFilesStamp, type TlsConfig } from "./tls.js";
 
 /** What a server needs to know about a service it hosts. Build one with defineService(). */
 export interface ServiceRegistration {
@@ -30,17 +69,42 @@ export interface ServiceRegistration {
   readonly onStart?: (ctx: ServerContext) => void | Promise<void>;
   /** Called on close after in-flight calls drained (or were aborted): free workers, models, … */
   readonly onClose?: () => void | Promise<void>;
+  /** Plain HTTP routes this service serves on the same port (tried before the RPC router). */
+  readonly http?: readonly HttpRoute[];
+  /** More services hosted with this one (e.g. a standard protocol next to the service's own). */
+  readonly companions?: readonly ServiceRegistration[];
+}
+
+/** Records audit events of a service (a no-op when the server has no audit log). */
+export interface AuditSink {
+  record(event: AuditEvent, info?: RequestInfo): void;
 }
 
 export interface ServerContext {
   readonly health: HealthRegistry;
   /** Aborted when the server starts to shut down. */
   readonly shutdownSignal: AbortSignal;
+  /** The server's Prometheus registry and the hooks services feed (inference, training). */
+  readonly metrics: ServerMetrics;
+  /** Structured JSON logger (request fields are added inside requests). */
+  readonly log: Logger;
+  readonly audit: AuditSink;
+  /** The services hosted by this server (fully-qualified names). */
+  readonly services: readonly string[];
+  /**
+   * An in-process transport to every service of this server (no network, no TLS, no token
+   * checks: calls made by the server itself), e.g. `createClient(TrainerService, ctx.transport)`.
+   */
+  readonly transport: Transport;
+  /** The server's base URL (http:// or https://). */
+  readonly url: string;
 }
 
 export interface ServiceHooks {
   onStart?: ServiceRegistration["onStart"];
   onClose?: ServiceRegistration["onClose"];
+  http?: ServiceRegistration["http"];
+  companions?: ServiceRegistration["companions"];
 }
 
 /**
@@ -78,8 +142,26 @@ export interface StartServerOptions {
    * Long streams (Watch, Quantize) see their context signal abort then.
    */
   gracePeriodMs?: number;
-  /** Where unexpected errors go before the client gets a generic INTERNAL. Default: stderr. */
+  /** Where unexpected errors go before the client gets a generic INTERNAL. Default: the logger. */
   onInternalError?: InternalErrorReporter;
+  /** Plain HTTP routes served on the same port, tried before the RPC router (see http-routes.ts). */
+  http?: readonly HttpRoute[];
+  /** TLS (and mutual TLS with a client CA) from PEM files or PEM contents. */
+  tls?: TlsConfig;
+  /** Allow plaintext on a non-loopback address (behind a mesh or a TLS-terminating proxy). */
+  allowInsecure?: boolean;
+  /** Bearer tokens, permissions and quotas; without it every call is allowed. */
+  auth?: Authenticator;
+  /** Audit log of state-changing calls and refusals. */
+  audit?: AuditLog;
+  /** Structured logger (default: JSON lines on stderr at $QLORA_LOG_LEVEL or "warn"); access lines are "info". */
+  log?: Logger;
+  /** Share a metrics registry; by default the server makes its own. */
+  metrics?: ServerMetrics;
+  /** Where Prometheus scrapes (default "/metrics"; false: not served). */
+  metricsPath?: string | false;
+  /** Most TCP connections at once (default 4096). */
+  maxConnections?: number;
 }
 
 export interface RunningServer {
@@ -91,6 +173,9 @@ export interface RunningServer {
   readonly address: string;
   readonly health: HealthRegistry;
   readonly services: string[];
+  readonly metrics: ServerMetrics;
+  /** Whether the port speaks TLS (then url is https://…). */
+  readonly tls: boolean;
   /** Stops accepting, drains in-flight calls (aborting them after the grace period), then resolves. */
   close(): Promise<void>;
 }
@@ -101,17 +186,54 @@ const SNIFF_TIMEOUT_MS = 10_000;
 /** How long after our response ended a stream whose client side is still open gets reset. */
 const HALF_OPEN_RESET_MS = 200;
 
+function flatten(services: readonly ServiceRegistration[]): ServiceRegistration[] {
+  const out: ServiceRegistration[] = [];
+  for (const r of services) {
+    out.push(r);
+    if (r.companions) out.push(...flatten(r.companions));
+  }
+  return out;
+}
+
+function headerOf(req: HttpRequest, name: string): string | undefined {
+  const v = req.headers[name];
+  return Array.isArray(v) ? v[0] : v;
+}
+
+/** The connection under a request (HTTP/2: its session; HTTP/1.1: its socket) and that socket. */
+function connectionOf(req: HttpRequest): { key: object; socket: net.Socket } | undefined {
+  const stream = (req as http2.Http2ServerRequest).stream as http2.ServerHttp2Stream | undefined;
+  if (stream) {
+    const session = stream.session;
+    // session.socket is a proxy of the TLS/TCP socket (reads of state and getPeerCertificate pass through).
+    return session ? { key: session, socket: session.socket as net.Socket } : undefined;
+  }
+  const socket = (req as http.IncomingMessage).socket;
+  return socket ? { key: socket, socket } : undefined;
+}
+
 export async function startServer(options: StartServerOptions): Promise<RunningServer> {
   const host = options.host ?? "127.0.0.1";
   const healthRegistry = options.health ?? new HealthRegistry();
   const gracePeriodMs = options.gracePeriodMs ?? 10_000;
-  const report = options.onInternalError ?? defaultInternalErrorReporter;
+  const log = options.log ?? jsonLogger();
+  const report: InternalErrorReporter =
+    options.onInternalError ??
+    ((error, ref) => log.error("internal error", { ref, error: error instanceof Error ? error : String(error) }));
+  const metrics = options.metrics ?? new ServerMetrics();
+  const audit = options.audit;
+  const auth = options.auth;
   const shutdown = new AbortController();
 
-  const all: ServiceRegistration[] = [
-    ...options.services,
-    defineService(health.Health, healthImpl(healthRegistry)),
-  ];
+  if (!options.tls && !options.allowInsecure && !isLoopbackHost(host)) {
+    throw new FailedPrecondition(
+      `refusing to serve plaintext on ${host}: configure TLS (--tls-cert/--tls-key) or allow plaintext explicitly (--allow-insecure) when a proxy or mesh encrypts the traffic`,
+    );
+  }
+  const tlsPem = options.tls ? await loadTlsPem(options.tls) : undefined;
+
+  const hosted = flatten(options.services);
+  const all: ServiceRegistration[] = [...hosted, defineService(health.Health, healthImpl(healthRegistry))];
   if (options.reflection !== false) {
     // The index must know the reflection services themselves, so build it over the final list.
     const index = new DescriptorIndex([
@@ -128,18 +250,224 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   const dup = names.find((n, i) => names.indexOf(n) !== i);
   if (dup) throw new Error(`service ${dup} registered twice`);
 
-  for (const r of options.services) {
+  for (const r of hosted) {
     if (!healthRegistry.has(r.service.typeName)) healthRegistry.set(r.service.typeName, "SERVING");
   }
 
-  const handler = connectNodeAdapter({
+  const auditSink: AuditSink = audit ?? { record() {} };
+
+  // ---- plain HTTP routes --------------------------------------------------------------------
+  const routes: HttpRoute[] = [...(options.http ?? [])];
+  for (const r of hosted) routes.push(...(r.http ?? []));
+  const metricsPath = options.metricsPath === undefined ? "/metrics" : options.metricsPath;
+  if (metricsPath !== false) {
+    routes.push({
+      method: "GET",
+      path: metricsPath,
+      rpc: "qlora.http.Metrics/Scrape",
+      name: metricsPath,
+      async handler(_req, res) {
+        const { contentType, body } = await metrics.scrape();
+        res.writeHead(200, { "content-type": contentType, "cache-control": "no-store" });
+        res.end(body);
+      },
+    });
+  }
+  for (const r of routes) normalizeRoutePath(r.path); // fail at start on a malformed path
+
+  const onRefused = (i: { rpc: string; reason: "unauthenticated" | "permission_denied" | "resource_exhausted"; principal?: string; message: string }, info?: RequestInfo) => {
+    metrics.authFailures.inc({ reason: i.reason });
+    auditSink.record({ event: "refused", rpc: i.rpc, outcome: i.reason, message: i.message, ...(i.principal ? { principal: i.principal } : {}) }, info);
+    log.warn("refused", { rpc: i.rpc, reason: i.reason, message: i.message });
+  };
+
+  const accessLog: Interceptor = (next) => async (req) => {
+    const info = req.contextValues.get(requestInfoKey);
+    const rpc = `${req.service.typeName}/${req.method.name}`;
+    const fields = () => ({ rpc, ...requestLogFields(info), duration_ms: info ? Date.now() - info.startedAt : undefined });
+    const line = (e: unknown) => {
+      if (e === null) log.info("rpc", { ...fields(), code: "ok" });
+      else {
+        const ce = ConnectError.from(e);
+        log.log(ce.code === Code.Internal || ce.code === Code.Unknown ? "warn" : "info", "rpc", { ...fields(), code: codeName(ce.code), message: ce.rawMessage });
+      }
+    };
+    let res;
+    try {
+      res = await next(req);
+    } catch (e) {
+      line(e);
+      throw e;
+    }
+    if (!res.stream) {
+      line(null);
+      return res;
+    }
+    const out = res.message;
+    return {
+      ...res,
+      message: (async function* () {
+        let error: unknown = null;
+        try {
+          yield* out;
+        } catch (e) {
+          error = e;
+          throw e;
+        } finally {
+          line(error ?? (req.signal.aborted ? new ConnectError("cancelled", Code.Canceled) : null));
+        }
+      })(),
+    };
+  };
+
+  const interceptors: Interceptor[] = [accessLog, metrics.interceptor()];
+  if (auth) {
+    interceptors.push(
+      authInterceptor(auth, {
+        // The current request is the one whose interceptor runs (set around each request below).
+        onRefused: (i) => onRefused(i, currentRequest()),
+      }),
+    );
+  }
+  if (audit) interceptors.push(auditInterceptor(audit));
+  interceptors.push(errorMappingInterceptor(report));
+
+  /** Request infos by node request; the connect handler picks them up as context values. */
+  const infos = new WeakMap<object, RequestInfo>();
+
+  const rpcHandler = connectNodeAdapter({
     routes: (router) => {
       for (const r of all) r.register(router);
     },
-    interceptors: [errorMappingInterceptor(report)],
+    interceptors,
     shutdownSignal: shutdown.signal,
     readMaxBytes: options.readMaxBytes ?? 64 * 1024 * 1024,
+    contextValues: (req) => createContextValues().set(requestInfoKey, infos.get(req)),
   });
+
+  /** Verified client certificate subjects per connection ("" for none). */
+  const certSubjects = new WeakMap<object, string>();
+
+  const handler = (req: HttpRequest, resRaw: http.ServerResponse | http2.Http2ServerResponse) => {
+    const res = resRaw as unknown as HttpResponse;
+    const conn = connectionOf(req);
+    let subject: string | undefined;
+    if (conn && tlsPem) {
+      subject = certSubjects.get(conn.key);
+      if (subject === undefined && typeof (conn.socket as tls.TLSSocket).getPeerCertificate === "function") {
+        subject = peerCertSubject(conn.socket as tls.TLSSocket) ?? "";
+        certSubjects.set(conn.key, subject);
+      }
+    }
+    const info = newRequestInfo((n) => headerOf(req, n), conn?.socket.remoteAddress ?? "", subject || undefined);
+    infos.set(req, info);
+    for (const [k, v] of Object.entries(responseHeadersOf(info))) res.setHeader(k, v);
+    let pathname = "/";
+    let url: URL;
+    try {
+      url = new URL(req.url ?? "/", "http://localhost");
+      pathname = url.pathname;
+    } catch {
+      url = new URL("http://localhost/");
+    }
+    const m = routes.length ? matchRoute(routes, req.method ?? "GET", pathname) : undefined;
+    runWithRequest(info, () => {
+      if (!m) {
+        rpcHandler(req, resRaw);
+        return;
+      }
+      void runRoute(m.route, m.subpath, req, res, info, url);
+    });
+  };
+
+  async function runRoute(route: HttpRoute, subpath: string, req: HttpRequest, res: HttpResponse, info: RequestInfo, url: URL): Promise<void> {
+    const start = process.hrtime.bigint();
+    const routeName = route.name ?? route.path;
+    const method = req.method ?? "GET";
+    const ac = new AbortController();
+    const onClose = () => {
+      if (!res.writableEnded) ac.abort(new ConnectError("the client went away", Code.Canceled));
+    };
+    res.once("close", onClose);
+    const onShutdown = () => ac.abort(shutdown.signal.reason);
+    shutdown.signal.addEventListener("abort", onShutdown, { once: true });
+    const maxBody = Math.min(route.maxBodyBytes ?? 8 * 1024 * 1024, options.readMaxBytes ?? 64 * 1024 * 1024);
+    let release: () => void = () => {};
+    let principal: Principal | undefined;
+    const rpcName = typeof route.rpc === "function" ? route.rpc({ method, subpath }) : (route.rpc ?? `qlora.http/${route.path}`);
+    try {
+      if (auth && !route.public && !auth.isPublic(rpcName)) {
+        const refuse = (e: ConnectError, reason: "unauthenticated" | "permission_denied" | "resource_exhausted"): never => {
+          onRefused({ rpc: rpcName, reason, principal: principal?.name, message: e.rawMessage }, info);
+          throw e;
+        };
+        principal = auth.authenticate(headerOf(req, "authorization"));
+        if (!principal) refuse(new ConnectError("missing or invalid bearer token (send authorization: Bearer <token>)", Code.Unauthenticated), "unauthenticated");
+        info.principal = principal;
+        if (!principal!.canCall(rpcName)) refuse(new ConnectError(`token "${principal!.name}" may not call ${rpcName}`, Code.PermissionDenied), "permission_denied");
+        try {
+          principal!.checkTokenQuota();
+          release = principal!.acquire();
+        } catch (e) {
+          refuse(e as ConnectError, "resource_exhausted");
+        }
+      }
+      const baseAuth = requestAuthOf(principal);
+      const httpCtx: HttpContext = {
+        request: info,
+        url,
+        subpath,
+        signal: ac.signal,
+        log,
+        metrics,
+        auth: {
+          ...baseAuth,
+          checkResource: (kind, name) => {
+            try {
+              baseAuth.checkResource(kind, name);
+            } catch (e) {
+              onRefused({ rpc: rpcName, reason: "permission_denied", principal: principal?.name, message: (e as ConnectError).rawMessage }, info);
+              throw e;
+            }
+          },
+        },
+        readJson: (max = maxBody) => readJsonBody(req, max),
+        readBody: (max = maxBody) => readBody(req, max),
+      };
+      await route.handler(req, res, httpCtx);
+    } catch (e) {
+      const ce = toConnectError(e, report);
+      if (!res.headersSent) {
+        // An HttpError knows its exact status (413, 415, …).
+        const exact = e instanceof HttpError ? e.status : undefined;
+        const out = route.errorResponse?.(ce.code, ce.rawMessage, exact) ?? connectErrorBody(ce.code, ce.rawMessage, exact);
+        const headers: Record<string, string> = { ...(out.headers ?? {}) };
+        const retry = ce.metadata.get("retry-after");
+        if (retry) headers["retry-after"] = retry;
+        sendJson(res, out.status, out.body, headers);
+      } else if (!res.writableEnded) {
+        res.end();
+      }
+      log.log(ce.code === Code.Internal ? "warn" : "info", "http", {
+        method,
+        path: url.pathname,
+        route: routeName,
+        status: res.statusCode,
+        code: codeName(ce.code),
+        message: ce.rawMessage,
+        duration_ms: Date.now() - info.startedAt,
+      });
+      metrics.observeHttp(routeName, method, res.statusCode, Number(process.hrtime.bigint() - start) / 1e9);
+      return;
+    } finally {
+      release();
+      shutdown.signal.removeEventListener("abort", onShutdown);
+      res.off("close", onClose);
+    }
+    if (!res.writableEnded) res.end();
+    log.info("http", { method, path: url.pathname, route: routeName, status: res.statusCode, duration_ms: Date.now() - info.startedAt });
+    metrics.observeHttp(routeName, method, res.statusCode, Number(process.hrtime.bigint() - start) / 1e9);
+  }
 
   const h2 = http2.createServer({}, handler);
   const h1 = http.createServer(handler);
@@ -193,6 +521,20 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
     for (const s of h1Sockets) if (!h1Busy.get(s)) s.end();
   };
 
+  const toH2 = (socket: net.Socket) => {
+    // Stays paused: the session reads any unshifted bytes, then the native handle.
+    h2.emit("connection", socket);
+  };
+  const toH1 = (socket: net.Socket) => {
+    h1Sockets.add(socket);
+    socket.once("close", () => {
+      h1Sockets.delete(socket);
+      h1Busy.delete(socket);
+    });
+    h1.emit("connection", socket);
+    socket.resume();
+  };
+
   const dispatch = (socket: net.Socket) => {
     pending.add(socket);
     let buf: Buffer = Buffer.alloc(0);
@@ -210,16 +552,11 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
       socket.pause();
       socket.unshift(buf);
       if (isH2) {
-        // Stays paused: the session reads the unshifted bytes, then the native handle.
-        h2.emit("connection", socket);
+        // http2 hands TLS sockets without ALPN to HTTP/1.1; this one sent the h2 preface.
+        if (socket instanceof tls.TLSSocket && !socket.alpnProtocol) (socket as { alpnProtocol: string | false | null }).alpnProtocol = "h2";
+        toH2(socket);
       } else {
-        h1Sockets.add(socket);
-        socket.once("close", () => {
-          h1Sockets.delete(socket);
-          h1Busy.delete(socket);
-        });
-        h1.emit("connection", socket);
-        socket.resume();
+        toH1(socket);
       }
     };
     socket.on("data", onData);
@@ -230,7 +567,43 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
     });
   };
 
-  const tcp = net.createServer(dispatch);
+  let tcp: net.Server;
+  let tlsReload: NodeJS.Timeout | undefined;
+  if (tlsPem) {
+    const tlsServer = tls.createServer(secureOptions(tlsPem), (socket: tls.TLSSocket) => {
+      socket.on("error", () => {});
+      // ALPN decided the protocol; without ALPN (some HTTP/1.1 clients) sniff as in plaintext.
+      if (socket.alpnProtocol === "h2") toH2(socket);
+      else if (socket.alpnProtocol === "http/1.1") toH1(socket);
+      else dispatch(socket);
+    });
+    tlsServer.on("tlsClientError", (e) => log.debug("tls handshake failed", { error: e.message }));
+    const files = options.tls && isTlsFiles(options.tls) ? options.tls : undefined;
+    const every = files?.reloadIntervalMs ?? 30_000;
+    if (files && every > 0) {
+      let stamp = await tlsFilesStamp(files);
+      tlsReload = setInterval(() => {
+        void (async () => {
+          const now = await tlsFilesStamp(files);
+          if (now === stamp) return;
+          try {
+            const pem = await loadTlsPem(files);
+            const { ALPNProtocols: _a, requestCert: _r, rejectUnauthorized: _u, ...ctxOpts } = secureOptions(pem);
+            tlsServer.setSecureContext(ctxOpts);
+            stamp = now;
+            log.info("tls certificates reloaded", { cert: files.certFile });
+          } catch (e) {
+            log.warn("tls certificate reload failed; keeping the previous ones", { error: (e as Error).message });
+          }
+        })();
+      }, every);
+      tlsReload.unref();
+    }
+    tcp = tlsServer;
+  } else {
+    tcp = net.createServer(dispatch);
+  }
+  tcp.maxConnections = options.maxConnections ?? 4096;
   await new Promise<void>((resolve, reject) => {
     const onError = (e: NodeJS.ErrnoException) => {
       tcp.off("listening", onListening);
@@ -247,11 +620,32 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   });
   const port = (tcp.address() as net.AddressInfo).port;
   const hostForUrl = host.includes(":") ? `[${host}]` : host;
+  const url = `${tlsPem ? "https" : "http"}://${hostForUrl}:${port}`;
 
-  const ctx: ServerContext = { health: healthRegistry, shutdownSignal: shutdown.signal };
+  let internal: Transport | undefined;
+  const ctx: ServerContext = {
+    health: healthRegistry,
+    shutdownSignal: shutdown.signal,
+    metrics,
+    log,
+    audit: auditSink,
+    services: names,
+    url,
+    get transport(): Transport {
+      internal ??= createRouterTransport(
+        (router) => {
+          for (const r of all) r.register(router);
+        },
+        { router: { interceptors: [errorMappingInterceptor(report)], readMaxBytes: options.readMaxBytes ?? 64 * 1024 * 1024 } },
+      );
+      return internal;
+    },
+  };
+
   try {
-    for (const r of options.services) await r.onStart?.(ctx);
+    for (const r of hosted) await r.onStart?.(ctx);
   } catch (e) {
+    clearInterval(tlsReload);
     tcp.close();
     throw e;
   }
@@ -261,6 +655,7 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
 
   async function doClose(): Promise<void> {
     closingDown = true;
+    clearInterval(tlsReload);
     healthRegistry.shutdown(); // NOT_SERVING; Watch streams report it and end
     const stopped = new Promise<void>((resolve) => tcp.close(() => resolve()));
     for (const s of pending) s.destroy();
@@ -286,16 +681,18 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
       shutdown.abort(new ConnectError("server is shutting down", Code.Unavailable));
     }
     await stopped;
-    for (const r of options.services) await r.onClose?.();
+    for (const r of hosted) await r.onClose?.();
   }
 
   return {
     host,
     port,
-    url: `http://${hostForUrl}:${port}`,
+    url,
     address: `${hostForUrl}:${port}`,
     health: healthRegistry,
     services: names,
+    metrics,
+    tls: tlsPem !== undefined,
     close,
   };
 }

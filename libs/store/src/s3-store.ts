@@ -85,6 +85,13 @@ export interface S3StoreOptions {
   conditionalWrites?: "auto" | "never";
   /** Keys per listing request (1..1000). Default 1000. */
   listPageSize?: number;
+  /**
+   * After an overwrite, how long the replaced version's objects stay readable before this store
+   * deletes them, so readers that started on the old manifest finish (a server may cut off a
+   * download whose object is deleted). 0 deletes at once. If the process exits first, cleanup()
+   * collects them. Default 60 s.
+   */
+  replacedGraceMs?: number;
 }
 
 /** The bytes of an artifact do not match its manifest (corrupt or tampered object, or a broken manifest). */
@@ -264,6 +271,8 @@ export class S3Store implements ArtifactStore {
   private readonly ownsClient: boolean;
   private bucketChecked: Promise<void> | undefined;
   private readonly inflight = new Map<string, Promise<string>>();
+  readonly replacedGraceMs: number;
+  private readonly pendingDeletes = new Set<NodeJS.Timeout>();
 
   constructor(opts: S3StoreOptions) {
     if (typeof opts.bucket !== "string" || opts.bucket.length === 0) throw new InvalidArgument("S3 bucket must be a non-empty string");
@@ -281,6 +290,8 @@ export class S3Store implements ArtifactStore {
     this.listPageSize = opts.listPageSize ?? 1000;
     if (!Number.isInteger(this.listPageSize) || this.listPageSize < 1 || this.listPageSize > 1000) throw new InvalidArgument("listPageSize must be 1..1000");
     this.conditional = (opts.conditionalWrites ?? "auto") === "auto";
+    this.replacedGraceMs = opts.replacedGraceMs ?? 60_000;
+    if (!Number.isSafeInteger(this.replacedGraceMs) || this.replacedGraceMs < 0) throw new InvalidArgument("replacedGraceMs must be a non-negative integer");
     if (opts.client) {
       this.client = opts.client;
       this.ownsClient = false;
@@ -488,11 +499,20 @@ export class S3Store implements ArtifactStore {
     try {
       let replaced = false;
       const prefix = this.dataPrefix(kind, name, m.generation);
-      await forEachLimit(m.manifest.files, this.concurrency, async (f) => {
-        if (replaced) return;
-        const dest = resolveUnder(tmp, ...f.path.split("/"));
-        if ((await this.downloadTo(prefix + f.path, dest, f, kind, name)) === "missing") replaced = true;
-      });
+      try {
+        await forEachLimit(m.manifest.files, this.concurrency, async (f) => {
+          if (replaced) return;
+          const dest = resolveUnder(tmp, ...f.path.split("/"));
+          if ((await this.downloadTo(prefix + f.path, dest, f, kind, name)) === "missing") replaced = true;
+        });
+      } catch (e) {
+        // A download cut off because its version was replaced and deleted meanwhile: start over
+        // from the new manifest. Otherwise (same manifest) the error stands.
+        if (e instanceof IntegrityError) throw e;
+        const now = await this.loadManifest(kind, name).catch(() => undefined);
+        if (now?.sha256 !== m.sha256) return "replaced";
+        throw translate(e, `download of ${kind} ${JSON.stringify(name)}`);
+      }
       if (replaced) {
         // A file of this manifest is gone: replaced or deleted meanwhile (the caller re-reads the
         // manifest), or the artifact is broken (the manifest did not change).
@@ -713,10 +733,12 @@ export class S3Store implements ArtifactStore {
   }
 
   /**
-   * Garbage collection: removes generations that no manifest points to (writes that crashed, lost
-   * an overwrite race or failed to clean up) once all their objects are older than `maxAgeMs`,
-   * aborts multipart uploads started before that, and removes local staging/temp directories older
-   * than that. Returns the number of objects, uploads and directories removed.
+   * Garbage collection. Removes generations that no manifest points to: replaced versions (left by
+   * a process that exited within the grace period, or that lost an overwrite race) once the current
+   * manifest is older than `maxAgeMs`, and writes that crashed before publishing once all their
+   * objects are older than that. Aborts multipart uploads started before that, and removes local
+   * staging/temp directories older than that. Returns the number of objects, uploads and
+   * directories removed. Run it now and then from one place (it is safe to run from several).
    */
   async cleanup(maxAgeMs = 24 * 3600 * 1000): Promise<number> {
     await this.ensureBucket();
@@ -724,10 +746,12 @@ export class S3Store implements ArtifactStore {
     let removed = 0;
     for (const kind of ARTIFACT_KINDS) {
       const kp = this.kindPrefix(kind);
-      // name → generation → { keys, newest }
+      // name → generation → { keys, newest }; name → when its manifest was written (server clock)
       const byName = new Map<string, Map<string, { keys: string[]; newest: number }>>();
+      const published = new Map<string, number>();
       for (const o of await this.listObjects(kp)) {
         const parts = o.Key!.slice(kp.length).split("/");
+        if (parts.length === 2 && parts[1] === MANIFEST_FILE) published.set(parts[0]!, o.LastModified?.getTime() ?? Date.now());
         if (parts.length < 3 || !parts[1]!.startsWith(GEN_DIR)) continue;
         const gens = byName.get(parts[0]!) ?? new Map<string, { keys: string[]; newest: number }>();
         byName.set(parts[0]!, gens);
@@ -744,8 +768,13 @@ export class S3Store implements ArtifactStore {
         } catch {
           continue; // an unreadable manifest: leave everything for a human
         }
+        const at = published.get(name);
         for (const [gdir, g] of gens) {
-          if (gdir === `${GEN_DIR}${current}` || g.newest > cutoff) continue;
+          if (gdir === `${GEN_DIR}${current}`) continue;
+          // Replaced by the current manifest (written before it): garbage once the manifest is older
+          // than the grace. Otherwise a write in progress, or one that crashed: once it is idle that long.
+          const superseded = at !== undefined && g.newest <= at;
+          if ((superseded ? at : g.newest) > cutoff) continue;
           await this.deleteKeys(g.keys);
           removed += g.keys.length;
         }
@@ -786,8 +815,13 @@ export class S3Store implements ArtifactStore {
     for (const kind of ARTIFACT_KINDS) await rm(join(this.cacheDir, kind), { recursive: true, force: true });
   }
 
-  /** Releases the client's sockets (only a client the store created). */
+  /**
+   * Releases the client's sockets (only a client the store created). Replaced versions still in
+   * their grace period are left for cleanup().
+   */
   close(): void {
+    for (const t of this.pendingDeletes) clearTimeout(t);
+    this.pendingDeletes.clear();
     if (this.ownsClient) this.client.destroy();
   }
 
@@ -893,7 +927,16 @@ export class S3Store implements ArtifactStore {
       }
       if (old && old.generation !== generation) {
         // Best effort: a leftover generation is garbage that cleanup() collects.
-        await this.deleteVersion(kind, name, old).catch(() => undefined);
+        if (this.replacedGraceMs === 0) {
+          await this.deleteVersion(kind, name, old).catch(() => undefined);
+        } else {
+          const t = setTimeout(() => {
+            this.pendingDeletes.delete(t);
+            void this.deleteVersion(kind, name, old).catch(() => undefined);
+          }, this.replacedGraceMs);
+          t.unref();
+          this.pendingDeletes.add(t);
+        }
       }
       await this.evictCached(kind, name);
     } else {
@@ -1050,6 +1093,7 @@ class S3Writer implements ArtifactWriter {
     this.state = "committing";
     const generation = `${Date.now().toString(36)}-${randomBytes(6).toString("hex")}`;
     let uploaded = false;
+    let published = false;
     try {
       let meta: Record<string, string> = {};
       const own = join(this.dir, MANIFEST_FILE);
@@ -1081,11 +1125,13 @@ class S3Writer implements ArtifactWriter {
         meta: { ...meta, ...(opts.meta ?? {}) },
       };
       const { bytes, sha256 } = await this.store.publish(this.kind, this.name, generation, manifest, this.overwrite);
+      published = true;
       this.state = "committed";
       // The staged files are exactly what was uploaded: they become the cached copy.
       await this.store.adoptIntoCache(this.kind, this.name, this.dir, bytes, sha256).catch(() => rm(this.dir, { recursive: true, force: true }));
       return manifest;
     } catch (e) {
+      if (published) throw e;
       if (uploaded) await this.store.discardGeneration(this.kind, this.name, generation).catch(() => undefined);
       this.state = "open";
       throw e;

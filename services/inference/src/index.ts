@@ -7,6 +7,7 @@ import { InferenceService } from "@qlora/proto";
 import { errorMessage } from "@qlora/core";
 import { EngineClient } from "./engine-client.js";
 import { inferenceHandlers } from "./handlers.js";
+import { inferenceHttp, type InferenceHttpOptions } from "./http/index.js";
 import type { QuantMode } from "./protocol.js";
 import { StoreAccess, type ArtifactStore } from "./store-access.js";
 
@@ -30,6 +31,8 @@ export interface InferenceServiceOptions {
   threads?: number;
   /** Where failures of background work (preloading) are reported. Default: stderr. */
   log?: (line: string) => void;
+  /** The OpenAI API, KServe protocol and operator page on the same port (all on by default). */
+  http?: InferenceHttpOptions;
 }
 
 export interface InferenceServiceRegistration extends ServiceRegistration {
@@ -50,9 +53,13 @@ export function inferenceService(options: InferenceServiceOptions): InferenceSer
   });
   const store = new StoreAccess(options.store);
   const handlers = inferenceHandlers({ engine, store, defaultModel: options.defaultModel });
+  const web = inferenceHttp({ engine, store: options.store, access: store, handlers, options: options.http });
   const name = InferenceService.typeName;
   const registration = defineService(InferenceService, handlers, {
+    http: web.routes,
+    companions: web.companions,
     onStart(ctx) {
+      web.onStart(ctx);
       const preload = options.preload ?? [];
       if (preload.length === 0) return;
       // Not awaited: the server listens (health answers NOT_SERVING) while the base loads.
@@ -70,6 +77,7 @@ export function inferenceService(options: InferenceServiceOptions): InferenceSer
       })();
     },
     async onClose() {
+      web.onClose();
       await engine.close();
     },
   });
@@ -80,3 +88,4 @@ export { EngineClient, type GenerateEvent } from "./engine-client.js";
 export { inferenceHandlers, type HandlerDeps } from "./handlers.js";
 export { StoreAccess, type ArtifactStore, type StoredAdapter } from "./store-access.js";
 export type { EngineStats, QuantMode } from "./protocol.js";
+export { inferenceHttp, type InferenceHttpOptions } from "./http/index.js";

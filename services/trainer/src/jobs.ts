@@ -185,7 +185,18 @@ export class JobManager {
 
   private launch(claim: Claim): void {
     const job = claim.job;
-    const request = requestFromJson(job.request);
+    let request: CreateJobRequest;
+    try {
+      request = requestFromJson(job.request);
+    } catch (e) {
+      // Unreadable (written by an incompatible version?): fail it rather than claim it forever.
+      const error = `the stored job request cannot be read: ${errorMessage(e)}`;
+      void this.o.jobs
+        .finish(job.id, this.o.replicaId, { state: "failed", message: `failed: ${error}`, error })
+        .then((ev) => ev && this.wake(job.id))
+        .catch((err: unknown) => this.o.log(`job ${job.id}: ${errorMessage(err)}`));
+      return;
+    }
     const r: RunningJob = {
       id: job.id,
       request,
@@ -244,7 +255,7 @@ export class JobManager {
     if (r.stopReason === "cancel") {
       return this.end(r, { state: "cancelled", message: `cancelled at step ${r.metrics.step} of ${r.metrics.totalSteps}` });
     }
-    if (r.stopReason === "shutdown") {
+    if (r.stopReason === "shutdown" && isQloraError(error) && error.code === "CANCELLED") {
       const latest = (await this.o.jobs.listCheckpoints(r.id)).at(-1);
       return this.requeue(r, `interrupted by a shutdown at step ${r.metrics.step}; resumes from ${latest ? `step ${latest.step}` : "the start"}`);
     }
@@ -553,6 +564,8 @@ export class JobManager {
     const res = await this.o.jobs.cancel(id, "cancelled by request");
     if (!res) throw new NotFound(`job "${id}" not found`);
     if (res.event) this.wake(id);
+    // A job re-queued by a shutdown has a work directory here that nobody will resume from now.
+    if (res.outcome === "cancelled") await rm(join(this.o.workRoot, id), { recursive: true, force: true });
     if (res.outcome !== "requested") return { job: res.job, outcome: res.outcome };
     const r = this.running.get(id);
     if (r) {

@@ -335,8 +335,8 @@ export class PostgresJobStore implements JobStore {
     return this.tx(async (c, now) => {
       // Expired leases first (they hold progress), then the queue in order. SKIP LOCKED: a row that
       // another replica is claiming right now is passed over instead of waited for.
-      const pick = await c.query<{ id: string; state: JobStateName }>(
-        `SELECT id, state FROM ${this.s}.jobs
+      const pick = await c.query<{ id: string; state: JobStateName; owner: string | null }>(
+        `SELECT id, state, owner FROM ${this.s}.jobs
           WHERE state = 'queued' OR (state = 'running' AND lease_expires_at < $1)
           ORDER BY CASE state WHEN 'running' THEN 0 ELSE 1 END, created_at, id
           LIMIT 1
@@ -353,11 +353,13 @@ export class PostgresJobStore implements JobStore {
         [replicaId, now + leaseMs, now, r.id],
       );
       const job = toJob(rows[0]!);
-      const message = takenOver
-        ? `taken over by ${replicaId} (attempt ${job.attempts}) after its previous runner stopped responding`
-        : job.attempts > 1
+      const message = !takenOver
+        ? job.attempts > 1
           ? `running on ${replicaId} (attempt ${job.attempts})`
-          : `running on ${replicaId}`;
+          : `running on ${replicaId}`
+        : r.owner === replicaId
+          ? `running again on ${replicaId} after it restarted (attempt ${job.attempts})`
+          : `taken over by ${replicaId} (attempt ${job.attempts}) after its previous runner stopped responding`;
       const event = await this.appendEvent(c, r.id, { kind: "state", state: "running", message }, now);
       return { job, event, takenOver };
     });

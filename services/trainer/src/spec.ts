@@ -23,7 +23,8 @@ import {
   type CreateJobRequest,
 } from "@qlora/proto";
 import { validateName, type ArtifactStore } from "@qlora/store";
-import { datasetFile, scanDataset, type DatasetScan } from "./datasets.js";
+import { datasetFile, scanDataset, type DatasetScan, type StoredDatasetFile } from "./datasets.js";
+import { checkTokens } from "./validate.js";
 import type { JsonObject } from "./job-store.js";
 import type { RunnerTrainOptions } from "./runner-api.js";
 
@@ -216,35 +217,45 @@ async function hasChatTemplate(store: ArtifactStore, name: string): Promise<bool
   return (await store.stat("models", name)).files.some((f) => f.path === "chat_template.jinja");
 }
 
-async function checkDataset(store: ArtifactStore, field: string, name: string): Promise<DatasetScan> {
+async function checkDataset(store: ArtifactStore, field: string, name: string): Promise<{ scan: DatasetScan; file: StoredDatasetFile }> {
   if (!(await store.exists("datasets", name))) throw new InvalidArgument(`${field} "${name}" not found in the store`);
-  let f;
+  let file: StoredDatasetFile;
   try {
-    f = await datasetFile(store, name);
+    file = await datasetFile(store, name);
   } catch (e) {
     if (isQloraError(e)) throw new InvalidArgument(`${field}: ${e.message}`, { cause: e });
     throw e;
   }
-  return scanDataset(f.path, f.format, `"${name}"`);
+  return { scan: await scanDataset(file.path, file.format, `"${name}"`), file };
 }
+
+/** Datasets up to this size are also read with the base's tokenizer at CreateJob (validate.ts). */
+export const TOKEN_CHECK_MAX_BYTES = 32 * 1024 * 1024;
 
 /**
  * Everything CreateJob checks against the store: the base model exists and is readable, block_size
- * fits its positions, the target modules exist in its architecture, the datasets exist and parse,
- * chat data has a template to render with.
+ * fits its positions, the target modules exist in its architecture, the datasets exist and parse
+ * (structurally, then with the base's tokenizer as the training loop reads them), chat data has a
+ * template to render with.
  */
-export async function checkAgainstStore(store: ArtifactStore, req: CreateJobRequest): Promise<void> {
+export async function checkAgainstStore(store: ArtifactStore, req: CreateJobRequest, opts: { tokenCheckMaxBytes?: number } = {}): Promise<void> {
   const cfg = await baseModelConfig(store, req.baseModel);
   const t = req.training!;
   if (t.blockSize > cfg.maxPositionEmbeddings) {
     throw new InvalidArgument(`training.block_size ${t.blockSize} exceeds the base model's max_position_embeddings (${cfg.maxPositionEmbeddings})`);
   }
   checkTargets(cfg, req.lora!.targetModules);
-  const scans = [await checkDataset(store, "dataset", req.dataset)];
-  if (req.evalDataset) scans.push(await checkDataset(store, "eval_dataset", req.evalDataset));
-  if (scans.some((s) => s.kinds.includes("chat")) && !(await hasChatTemplate(store, req.baseModel))) {
+  const checked = [await checkDataset(store, "dataset", req.dataset)];
+  if (req.evalDataset) checked.push(await checkDataset(store, "eval_dataset", req.evalDataset));
+  if (checked.some((c) => c.scan.kinds.includes("chat")) && !(await hasChatTemplate(store, req.baseModel))) {
     throw new InvalidArgument(`dataset has chat records ({"messages"}) but base_model "${req.baseModel}" has no chat template to render them with`);
   }
+  const names = [req.dataset, req.evalDataset];
+  await checkTokens(
+    { name: req.baseModel, dir: await store.localPath("models", req.baseModel) },
+    checked.map((c, i) => ({ path: c.file.path, label: JSON.stringify(names[i]), sizeBytes: c.file.sizeBytes })),
+    { blockSize: t.blockSize, packing: t.packing, maxBytes: opts.tokenCheckMaxBytes ?? TOKEN_CHECK_MAX_BYTES },
+  );
 }
 
 /** The runner's options for an effective request (see withDefaults). */

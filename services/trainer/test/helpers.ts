@@ -48,10 +48,14 @@ export async function startHarness(opts: Options = {}, dataDir?: string): Promis
   return { dataDir: dir, store, service, server, client, close: () => server.close() };
 }
 
-/** A base model in the store: stories260K's config (and tokenizer files) — enough for CreateJob's checks and the fake runner. */
-export async function addConfigOnlyModel(store: LocalStore, name = "tiny", extra: Record<string, string> = {}): Promise<void> {
+/**
+ * A base model in the store without weights: stories260K's config and tokenizer — enough for
+ * CreateJob's checks and the deterministic runner. `tokenizer: false` leaves the tokenizer out.
+ */
+export async function addConfigOnlyModel(store: LocalStore, name = "tiny", extra: Record<string, string> = {}, tokenizer = true): Promise<void> {
   const w = await store.beginWrite("models", name);
-  await w.writeFile("config.json", await readFile(path.join(STORIES, "config.json")));
+  const files = ["config.json", ...(tokenizer ? ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] : [])];
+  for (const f of files) await w.writeFile(f, await readFile(path.join(STORIES, f)));
   for (const [f, content] of Object.entries(extra)) await w.writeFile(f, content);
   await w.commit();
 }

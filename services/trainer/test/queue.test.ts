@@ -54,20 +54,31 @@ test("no more jobs run at once than the concurrency limit, and they start in ord
   const h = await startHarness({ fake: { stepMs: 8 }, concurrency: 2 });
   try {
     await setup(h);
+    // The first job outlasts the creation of the others (CreateJob reads the dataset with the
+    // tokenizer, which takes a while on a busy machine), so the second one runs beside it.
     const ids: string[] = [];
-    for (let i = 0; i < 5; i++) ids.push((await h.client.createJob({ baseModel: "tiny", dataset: "good", training: { maxSteps: 12 } })).job!.id);
-    let maxRunning = 0;
+    for (let i = 0; i < 5; i++) {
+      ids.push((await h.client.createJob({ baseModel: "tiny", dataset: "good", training: { maxSteps: i === 0 ? 400 : 12 } })).job!.id);
+    }
+    let maxSampled = 0;
     for (;;) {
       const jobs = (await h.client.listJobs({})).jobs;
-      maxRunning = Math.max(maxRunning, jobs.filter((j) => j.state === JobState.RUNNING).length);
+      maxSampled = Math.max(maxSampled, jobs.filter((j) => j.state === JobState.RUNNING).length);
       if (jobs.every(terminal)) break;
       await sleep(5);
     }
-    assert.equal(maxRunning, 2);
+    assert.ok(maxSampled <= 2, `${maxSampled} running at once`);
     const jobs = (await h.client.listJobs({})).jobs;
     assert.ok(jobs.every((j) => j.state === JobState.SUCCEEDED));
-    const started = jobs.map((j) => [j.id, Number(j.startedAt!.seconds) * 1e3 + j.startedAt!.nanos / 1e6] as const);
-    assert.deepEqual([...started].sort((x, y) => x[1] - y[1]).map((s) => s[0]), ids);
+    const ms = (t: { seconds: bigint; nanos: number }) => Number(t.seconds) * 1e3 + t.nanos / 1e6;
+    // Overlap of the [started, finished] intervals: exactly the limit at the busiest moment.
+    const edges = jobs.flatMap((j) => [[ms(j.startedAt!), 1] as const, [ms(j.finishedAt!), -1] as const]).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+    let now = 0;
+    let max = 0;
+    for (const [, d] of edges) max = Math.max(max, (now += d));
+    assert.equal(max, 2);
+    const started = jobs.map((j) => [j.id, ms(j.startedAt!)] as const);
+    assert.deepEqual([...started].sort((x, y) => x[1] - y[1]).map((x) => x[0]), ids);
   } finally {
     await h.close();
   }
@@ -94,7 +105,8 @@ test("a runner error fails the job with the reason, naming the dataset instead o
 });
 
 test("graceful shutdown checkpoints running jobs and re-queues them; the next start resumes them to the same adapter", async () => {
-  const training = { maxSteps: 60, saveSteps: 25, loggingSteps: 2, learningRate: 0.01 };
+  const total = 200;
+  const training = { maxSteps: total, saveSteps: 25, loggingSteps: 2, learningRate: 0.01 };
   const h1 = await startHarness({ fake: { stepMs: 15 } });
   await setup(h1);
   const { job } = await h1.client.createJob({ baseModel: "tiny", dataset: "good", outputAdapter: "resumed", training });
@@ -119,14 +131,16 @@ test("graceful shutdown checkpoints running jobs and re-queues them; the next st
     const states = evs.flatMap((e) => (e.event.case === "state" ? [`${JobState[e.event.value.state]}: ${e.event.value.message}`] : []));
     assert.equal(states[0], "QUEUED: queued");
     assert.match(states[1]!, /^RUNNING: running on /);
-    assert.match(states[2]!, /^QUEUED: interrupted by a shutdown at step (\d+); resumes from step \1$/);
+    // Stopped wherever the shutdown found it, and checkpointed right there.
+    assert.match(states[2]!, /^QUEUED: interrupted by a shutdown at step (\d+); resumes from step \1$/, states.join(" | "));
     const stoppedAt = Number(/step (\d+);/.exec(states[2]!)![1]);
-    assert.ok(stoppedAt >= 8 && stoppedAt < 25, `stopped at ${stoppedAt}`);
+    assert.ok(stoppedAt >= 8 && stoppedAt < total, `stopped at ${stoppedAt}`);
     assert.match(states[3]!, /^RUNNING: running on .* \(attempt 2\)$/);
-    assert.equal(states[4], `RUNNING: resumed from the checkpoint at step ${stoppedAt} of 60`);
-    assert.match(states[5]!, /^SUCCEEDED: adapter "resumed" written after 60 steps/);
-    const cps = describeEvents(evs).filter((e) => e.startsWith("checkpoint"));
-    assert.deepEqual(cps, [`checkpoint:${stoppedAt}`, "checkpoint:25", "checkpoint:50"]);
+    assert.equal(states[4], `RUNNING: resumed from the checkpoint at step ${stoppedAt} of ${total}`);
+    assert.match(states[5]!, new RegExp(`^SUCCEEDED: adapter "resumed" written after ${total} steps`));
+    // Every save step, plus the stop's own checkpoint, in step order (one, if the stop fell on a save step).
+    const steps = [...new Set([...Array.from({ length: total / 25 }, (_, i) => (i + 1) * 25), stoppedAt])].sort((a, b) => a - b);
+    assert.deepEqual(describeEvents(evs).filter((e) => e.startsWith("checkpoint")), steps.map((x) => `checkpoint:${x}`));
 
     const done = (await h2.client.getJob({ id: job!.id })).job!;
     assert.equal(done.state, JobState.SUCCEEDED);

@@ -20,7 +20,7 @@ import { JobState, TrainerService } from "@qlora/proto";
 import { LocalStore } from "@qlora/store";
 import { addConfigOnlyModel, collect, sleep, startHarness, terminal, TEXT_LINES, waitForJob, type Harness } from "./helpers.js";
 
-const training = { maxSteps: 40, saveSteps: 5, loggingSteps: 1, learningRate: 0.02 };
+const training = { maxSteps: 80, saveSteps: 5, loggingSteps: 1, learningRate: 0.02 };
 
 async function prepareStore(dir: string): Promise<void> {
   const store = new LocalStore(dir);
@@ -72,7 +72,7 @@ test("SIGKILL mid-job, restart on the same data directory: the job resumes from 
     const states = await stateMessages(h, jobId);
     assert.deepEqual(states.map((s) => s.split(":")[0]), ["QUEUED", "RUNNING", "RUNNING", "RUNNING", "SUCCEEDED"]);
     assert.match(states[2]!, new RegExp(`^RUNNING: running again on ${childReplica} after it restarted \\(attempt 2\\)$`));
-    const resumedFrom = Number(/at step (\d+) of 40/.exec(states[3]!)?.[1]);
+    const resumedFrom = Number(/at step (\d+) of 80/.exec(states[3]!)?.[1]);
     // The newest checkpoint on disk: the last published one, or one written after it but not published before the kill.
     assert.ok(resumedFrom >= lastCheckpoint && resumedFrom <= killedAt, `resumed from ${resumedFrom} (published ${lastCheckpoint}, killed at ${killedAt})`);
     assert.equal(resumedFrom % 5, 0);
@@ -108,7 +108,7 @@ test("another replica takes over a job whose lease expired, restoring the checkp
     const states = await stateMessages(b, id);
     assert.ok(Date.now() - t0 >= 200, "waited for the lease to expire");
     assert.match(states[2]!, /^RUNNING: taken over by replica-b \(attempt 2\)/);
-    const resumedFrom = Number(/at step (\d+) of 40/.exec(states[3]!)?.[1]);
+    const resumedFrom = Number(/at step (\d+) of 80/.exec(states[3]!)?.[1]);
     assert.ok(resumedFrom >= 10 && resumedFrom % 5 === 0, states.join(" | "));
     assert.equal(states.at(-1)!.split(":")[0], "SUCCEEDED");
     const { job: ref } = await b.client.createJob({ baseModel: "tiny", dataset: "good", outputAdapter: "uninterrupted", training });

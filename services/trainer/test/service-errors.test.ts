@@ -55,6 +55,18 @@ describe("TrainerService rejects bad requests with the reason", () => {
   test("malformed dataset: bad JSON, with the line", () => rejects({ ...ok, dataset: "broken" }, Code.InvalidArgument, /dataset "broken" line 2: malformed JSON/));
   test("malformed dataset: unknown record shape", () => rejects({ ...ok, dataset: "odd" }, Code.InvalidArgument, /line 2: unknown record shape \(keys: question\)/));
   test("malformed eval dataset", () => rejects({ ...ok, evalDataset: "broken" }, Code.InvalidArgument, /"broken" line 2/));
+  test("a dataset with nothing to train on within block_size (found with the base's tokenizer)", async () => {
+    await h.client.uploadDataset(datasetUpload("short", "short.txt", "Tom had a red kite.\n"));
+    await rejects({ ...ok, dataset: "short" }, Code.InvalidArgument, /dataset "short" has no usable tokens: \d+ tokens, fewer than one block of 63 \(block size 64/);
+    await rejects({ ...ok, dataset: "good", evalDataset: "short" }, Code.InvalidArgument, /dataset "short" has no usable tokens/);
+    // The same file trains with a smaller block.
+    const { job } = await h.client.createJob({ ...ok, dataset: "short", training: { maxSteps: 1, blockSize: 4 } });
+    assert.ok(job?.id);
+  });
+  test("a base model without a tokenizer is a failed precondition", async () => {
+    await addConfigOnlyModel(h.store, "no-tokenizer", {}, false);
+    await rejects({ ...ok, baseModel: "no-tokenizer" }, Code.FailedPrecondition, /base_model "no-tokenizer" has no usable tokenizer: tokenizer\.json not found: model "no-tokenizer"/);
+  });
   test("chat data on a base without a chat template", () => rejects({ ...ok, dataset: "chat" }, Code.InvalidArgument, /no chat template/));
   test("rank 0", () => rejects({ ...ok, lora: { rank: 0, alpha: 16 } }, Code.InvalidArgument, /lora\.rank must be at least 1/));
   test("unknown target module, with the valid ones", () =>
@@ -115,7 +127,7 @@ describe("TrainerService rejects bad requests with the reason", () => {
     }
     await assert.rejects(h.client.uploadDataset(two()), (e: ConnectError) => e.code === Code.InvalidArgument || e.code === Code.ResourceExhausted);
     assert.deepEqual((await h.client.listDatasets({})).datasets.map((d) => d.name).filter((n) => n.startsWith("d")), []);
-    assert.deepEqual(await h.store.list("datasets"), ["blank", "broken", "chat", "good", "odd"]);
+    assert.deepEqual(await h.store.list("datasets"), ["blank", "broken", "chat", "good", "odd", "short"]);
   });
 
   test("CancelJob of a finished job is FAILED_PRECONDITION; of a cancelled one it is a no-op", async () => {

@@ -58,7 +58,9 @@ void gatedActivationBackward(Activation act, const float* gate, const float* up,
 //     D_i = dout_i·out_i,  dp_j = dout_i·v_j,  ds_j = p_j·(dp_j − D_i)
 //     dq_i = scale·Σ_j ds_j k_j,   dk_j += scale·ds_j q_i,   dv_j += p_j dout_i
 // The backward runs one task per (row, kv head): it owns those dk/dv rows, so the sums over
-// queries (and over the heads of the group) happen in a fixed order. dq, dk, dv are overwritten.
+// queries (and over the heads of the group) happen in a fixed order. Queries go in blocks of 16:
+// p and ds of the block are kept transposed, then each key row gets dk_j, dv_j from the block's
+// queries in one pass (no per-pair read-modify-write). dq, dk, dv are overwritten.
 void attentionTrainForward(const AttentionShape& s, int64_t B, int64_t T, const int32_t* start, const float* q,
                            const float* k, const float* v, float* out, float* lse);
 void attentionTrainBackward(const AttentionShape& s, int64_t B, int64_t T, const int32_t* start, const float* q,
@@ -80,13 +82,14 @@ void softmaxCrossEntropy(float* logits, int64_t rows, int64_t V, const int32_t* 
 // d(Σ_r loss[r]·gradScale)/dh.
 double lmHeadCrossEntropy(const float* h, int64_t M, const WeightView& w, const int32_t* labels, int64_t chunkRows,
                           float gradScale, float* dh, std::vector<float>& logits);
-// Rows per chunk so that one chunk of logits stays within ~8M floats (32 MiB): ceil-balanced.
+// Rows per chunk so that one chunk of logits stays within 32M floats (128 MiB): ceil-balanced.
 int64_t lmHeadChunkRows(int64_t M, int64_t V);
 
 // ---- dropout on the LoRA branch input (inverted: kept elements scaled by 1/(1−p)) ------------
-// Counter-based: element e of a [rows, cols] matrix is kept iff bits32(key, e) >= p·2³², with
-// bits32 from one splitmix64 finalizer per pair of elements. The key is dropoutKey(seed, stream)
-// (stream = the module), so a recompute in backward regenerates exactly the forward's mask.
+// Counter-based: element e = r·cols + c of a [rows, cols] matrix is kept iff bits(key, e) >= p·2³²,
+// bits(key, e) = fmix32(fmix32(e_lo ^ key_lo) + (e_hi ^ key_hi)) (murmur3's 32-bit finalizer; 8 lanes
+// at a time in AVX2, the scalar path gives the same bits). The key is dropoutKey(seed, stream) (a
+// splitmix64 mix; stream = the module), so a recompute in backward regenerates the forward's mask.
 uint64_t dropoutKey(uint64_t seed, uint64_t stream);
 // y (=|+=) x ⊙ mask/(1−p). Forward (y = drop(x)) and backward (dx += drop'(dy)) are the same map.
 // y may alias x when !accumulate.
@@ -97,8 +100,8 @@ void dropoutApply(const float* x, float* y, int64_t rows, int64_t cols, float p,
 // backward, given dy [N, out]:
 //   dx  (=|+=) dy·W                                    (linearBackwardInput; skipped when !needDx)
 //   du  = s·dy·B                 [N, r]
-//   dB += s·dyᵀ·u                [out, r]             (computed as (s·uᵀ·dy)ᵀ, then added in a fixed order)
-//   dA += duᵀ·drop(x)            [r, in]
+//   dB += s·dyᵀ·u                [out, r]             ⎫ reductions over the N tokens: a streaming kernel,
+//   dA += duᵀ·drop(x)            [r, in]              ⎭ one task per 64 columns, tokens summed in order
 //   dx += drop'(du·A)            [N, in]
 struct LoraBranch {
   const float* a = nullptr;  // [r, in]

@@ -402,7 +402,6 @@ void LoraTrainer::layerBackward(const Ctx& c, int l, const float* xin, const Act
   float* h = grow(hb_, static_cast<size_t>(N * I));
   float* dN = grow(dN_, static_cast<size_t>(N * H));
   float* dH = grow(dH_, static_cast<size_t>(N * I));
-  float* dG = grow(dG_, static_cast<size_t>(N * I));
 
   // ---- MLP block ----
   const float* dr2 = dX;  // d(r2)
@@ -416,13 +415,14 @@ void LoraTrainer::layerBackward(const Ctx& c, int l, const float* xin, const Act
   else activationForward(cfg.act, a.g, h, N * I);
   linBwd(c, l, LDown, h, a.lu[LDown], dr2, dH, false, true);  // dh [N, I]
   if (llama) {
+    float* dG = grow(dG_, static_cast<size_t>(N * I));
     float* dU = grow(dU_, static_cast<size_t>(N * I));
     gatedActivationBackward(cfg.act, a.g, a.u, dH, dG, dU, N * I);  // dg, du
     linBwd(c, l, LGate, a.n2, a.lu[LGate], dG, dN, false, true);
     linBwd(c, l, LUp, a.n2, a.lu[LUp], dU, dN, true, true);  // dN = d(n2) through the MLP
   } else {
-    activationBackward(cfg.act, a.g, dH, dG, N * I);
-    linBwd(c, l, LUp, a.n2, a.lu[LUp], dG, dN, false, true);
+    activationBackward(cfg.act, a.g, dH, dH, N * I);  // in place: d(fc1 output)
+    linBwd(c, l, LUp, a.n2, a.lu[LUp], dH, dN, false, true);
   }
   if (preLN) {
     normBwd(L.norm2, dN, a.r1, dX, N, true);  // d(r1) = d(r2) + norm2'(dN)
