@@ -22,3 +22,16 @@ test("setThreads resizes the pool", () => {
   assert.equal(setThreads(3), 3);
   assert.ok(setThreads(0) >= 1);
 });
+
+test("the thread pool visits every item exactly once per region, for any thread count", async () => {
+  const { native } = await import("../src/native.js");
+  for (const threads of [2, 3, 4, 7, 1, 2]) {
+    setThreads(threads);
+    // Back-to-back regions of different sizes: parts a region lacks must never be run by a
+    // worker that woke late for the previous region.
+    for (const [n, grain] of [[1, 1], [5, 1], [97, 8], [4096, 64], [3, 1]] as const) {
+      assert.equal(native.poolSelfTest(n, grain, 300), 0, `threads ${threads}, n ${n}`);
+    }
+  }
+  setThreads(0);
+});

@@ -32,6 +32,8 @@ class ThreadPool {
     stop();
     nthreads_ = std::max(1, n);
     quit_ = false;
+    claimed_ = std::vector<std::atomic<uint64_t>>(nthreads_);
+    for (auto& c : claimed_) c.store(0, std::memory_order_relaxed);
     // Each worker starts from the generation current now: reading it inside the new thread
     // could miss a region started before the thread first runs (and hang the caller).
     const uint64_t start = generation_.load(std::memory_order_acquire);
@@ -52,16 +54,28 @@ class ThreadPool {
     n_ = n;
     parts_.store(parts, std::memory_order_relaxed);
     error_ = nullptr;
-    pending_.store(parts - 1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    // Only this thread bumps the generation (under regionMutex_), so g is known in advance.
+    // Parts this region does not have are marked claimed before anyone can see g: a worker
+    // then claims only a real part of the region it woke for, never one of a later region.
+    const uint64_t g = generation_.load(std::memory_order_relaxed) + 1;
+    for (int p = parts; p < nthreads_; ++p) claimed_[p].store(g, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lk(sleepMutex_);
-      generation_.fetch_add(1, std::memory_order_release);
+      generation_.store(g, std::memory_order_release);
     }
     sleepCv_.notify_all();
-    runPart(0);
-    // Spin briefly (the other parts usually finish together), then yield so a worker that the
-    // OS has not scheduled yet (a loaded machine) gets the core instead of a spinning caller.
-    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    // Part p belongs to worker p, but whoever claims it first runs it: the caller takes part 0,
+    // then every part whose worker has not woken up yet. A worker the OS has descheduled (a
+    // loaded machine) therefore delays nothing; on an idle machine the spinning workers win
+    // their own parts and the region runs in parallel.
+    for (int p = 0; p < parts; ++p) {
+      if (claim(p, g)) {
+        runPart(p);
+        done_.fetch_add(1, std::memory_order_acq_rel);
+      }
+    }
+    for (int spins = 0; done_.load(std::memory_order_acquire) != parts; ++spins) {
       if (spins < 4000) QK_PAUSE();
       else std::this_thread::yield();
     }
@@ -70,6 +84,18 @@ class ThreadPool {
   }
 
  private:
+  // Claims part p of region g: claimed_[p] holds the last region in which p was claimed, so one
+  // compare-and-swap decides between the part's worker and the caller. Every flag is >= g once
+  // region g has ended (its parts were claimed, the others pre-marked), so a worker that woke
+  // for an older region (a stale g) can never claim anything.
+  bool claim(int p, uint64_t g) {
+    uint64_t old = claimed_[p].load(std::memory_order_acquire);
+    while (old < g) {
+      if (claimed_[p].compare_exchange_weak(old, g, std::memory_order_acq_rel, std::memory_order_acquire)) return true;
+    }
+    return false;
+  }
+
   void runPart(int part) {
     const int parts = parts_.load(std::memory_order_relaxed);
     if (part >= parts) return;
@@ -98,15 +124,12 @@ class ThreadPool {
         g = generation_.load(std::memory_order_acquire);
       }
       if (quit_) return;
-      // Read the region's size, then make sure it still belongs to generation g: a worker
-      // that woke late for a region it had no part in could otherwise pair g with the
-      // next region's size and run (and count) a part twice.
-      const int parts = parts_.load(std::memory_order_acquire);
-      if (generation_.load(std::memory_order_acquire) != g) continue;
       seen = g;
-      if (index < parts) {
+      // A successful claim proves region g is still running (it cannot finish without this
+      // part), so fn_, n_ and parts_ published before generation g are the ones to use.
+      if (index < static_cast<int>(claimed_.size()) && claim(index, g)) {
         runPart(index);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
+        done_.fetch_add(1, std::memory_order_acq_rel);
       }
     }
   }
@@ -127,7 +150,8 @@ class ThreadPool {
   std::mutex regionMutex_, sleepMutex_, errorMutex_;
   std::condition_variable sleepCv_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<int> done_{0};
+  std::vector<std::atomic<uint64_t>> claimed_;
   bool quit_ = false;
   const RangeFn* fn_ = nullptr;
   int64_t n_ = 0;

@@ -1,6 +1,6 @@
 // The addon's own thread pool: persistent workers, one parallel region at a time.
-// parallelFor splits [0, n) into contiguous chunks, one per thread; the caller's thread
-// takes part, so a pool of T threads runs T-1 workers. Workers spin briefly before
+// parallelFor splits [0, n) into contiguous parts, one per thread; the caller runs part 0
+// and every part whose worker has not woken yet (T threads = T-1 workers). Workers spin before
 // sleeping, because decode runs hundreds of short regions per token.
 #pragma once
 #include <cstdint>
