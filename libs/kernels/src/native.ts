@@ -16,5 +16,22 @@ function load(): any {
   return createRequire(import.meta.url)(addonPath);
 }
 
-/** The raw addon. Use the typed wrappers in this package instead. */
-export const native: any = load();
+let addon: any;
+
+/**
+ * The raw addon, loaded on first use (so importing this package — e.g. for `qlora --help` —
+ * never needs the native build). Use the typed wrappers in this package instead.
+ */
+export const native: any = new Proxy(
+  {},
+  {
+    get(_target, prop) {
+      addon ??= load();
+      return addon[prop];
+    },
+    has(_target, prop) {
+      addon ??= load();
+      return prop in addon;
+    },
+  },
+);

@@ -8,25 +8,30 @@ import { native } from "./native.js";
 
 export type FloatDType = "f32" | "f16" | "bf16";
 
-/** The 16 NF4 values (code -> value), float32, ascending; code 7 is 0. */
-export const NF4_CODE: Float32Array = (() => {
-  const a = new Float32Array(16);
-  native.nf4Code(a);
-  return a;
-})();
+/**
+ * The 16 NF4 values (code -> value), float32, ascending; code 7 is 0 — bitsandbytes'
+ * `get_4bit_type("nf4")`, as literals so that importing this module never needs the addon
+ * (a test checks them against the native table, csrc/cpu/nf4.cpp kNf4Code).
+ */
+export const NF4_CODE: Float32Array = Float32Array.from([
+  -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+  -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+  0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+  0.7229568362236023, 1.0,
+]);
 
-const DYNAMIC_MAP: Float32Array = (() => {
-  const a = new Float32Array(256);
-  native.dynamicMap8bit(a);
-  return a;
-})();
+let dynamicMap: Float32Array | undefined;
 
 /**
  * bitsandbytes `create_dynamic_map(signed=True)`: the 256 sorted float32 codes of the 8-bit
  * quantization used for double quantization (torch's scalar CPU linspace). A fresh copy.
  */
 export function dynamicMap8bit(): Float32Array {
-  return DYNAMIC_MAP.slice();
+  if (!dynamicMap) {
+    dynamicMap = new Float32Array(256);
+    native.dynamicMap8bit(dynamicMap);
+  }
+  return dynamicMap.slice();
 }
 
 function checkCount(n: number, what = "n"): void {

@@ -197,6 +197,10 @@ function assertSame(a: ArrayLike<number>, b: ArrayLike<number>, what: string): v
 test("NF4_CODE is the bitsandbytes table", () => {
   assert.equal(NF4_CODE.length, 16);
   assertSame(NF4_CODE, NF4_TABLE, "NF4 code");
+  // The TS literals and the C++ table the kernels use are the same float32 values.
+  const fromNative = new Float32Array(16);
+  native.nf4Code(fromNative);
+  assertSame(fromNative, NF4_TABLE, "native NF4 code");
   assert.ok(LEVELS.includes("scalar"));
   if (cpuInfo().avx2) assert.ok(LEVELS.includes("avx2"));
 });
