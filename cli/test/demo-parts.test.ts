@@ -9,7 +9,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync, existsSync
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { lossChart, longestCommonSubstring, printable, sideBySide, wrap } from "../src/demo/render.js";
+import { displayWidth, lossChart, longestCommonSubstring, printable, sideBySide, wrap } from "../src/demo/render.js";
 import { DEMO_PROMPT, DEMO_TEXT, promptFromText } from "../src/demo/text.js";
 import { byteToUnicode, DEMO_VOCAB_SIZE, demoModelConfig, llamaParameterCount, writeDemoModel } from "../src/demo/tiny-model.js";
 import { checkpointFiles, storeNameFrom } from "../src/demo/run.js";
@@ -105,7 +105,7 @@ test("loss chart: curve from the first to the last logged step, labelled", () =>
 
 test("side by side: framed columns, wrapped, control characters made visible", () => {
   const lines = sideBySide({ title: "base", text: "ab\u0001c" }, { title: "adapter", text: "x".repeat(40) + "\nnext" }, 60);
-  const widths = new Set(lines.map((l) => [...l].length));
+  const widths = new Set(lines.map((l) => displayWidth(l)));
   assert.equal(widths.size, 1, "every line equally wide");
   assert.ok([...widths][0]! <= 60);
   assert.match(lines[1]!, /^\| base +\| adapter +\|$/);
@@ -114,6 +114,11 @@ test("side by side: framed columns, wrapped, control characters made visible", (
   assert.deepEqual(wrap("abcdef", 4), ["abcd", "ef"]);
   assert.deepEqual(wrap("the colour of the sails", 10), ["the colour", "of the", "sails"]);
   assert.deepEqual(wrap("a\n\nb", 10), ["a", "", "b"]);
+  // Wide and zero-width characters keep the frame aligned.
+  assert.deepEqual(wrap("東京東京東京", 5), ["東京", "東京", "東京"]);
+  assert.equal(displayWidth("e\u0301東🚀a"), 6);
+  const mixed = sideBySide({ title: "a", text: "東京タワー\u0301 and more" }, { title: "b", text: "x" }, 40);
+  assert.equal(new Set(mixed.map((l) => displayWidth(l))).size, 1, mixed.join("\n"));
   assert.equal(printable("a\tb\u001bc\u007f"), "a  b·c·");
   assert.equal(longestCommonSubstring("the Pea rang its bell", "it always rang its bell twice"), " rang its bell");
 });

@@ -44,6 +44,8 @@ class FakeHub {
   listBlobs = true;
   /** Cut the next transfer of this file after this many bytes (connection destroyed). */
   cut: { path: string; afterBytes: number; times: number } | undefined;
+  /** Answer Range requests with the whole file (200), as some servers and proxies do. */
+  ignoreRange = false;
   /** Serve these bytes instead of the real ones (same length), keeping the advertised checksums. */
   readonly tampered = new Map<string, Buffer>();
   hub!: Server;
@@ -156,7 +158,7 @@ class FakeHub {
   private serveBytes(req: IncomingMessage, res: ServerResponse, file: RepoFile, headers: Record<string, string>): void {
     const data = this.tampered.get(file.path) ?? file.data;
     let start = 0;
-    const range = /^bytes=(\d+)-$/.exec(req.headers.range ?? "");
+    const range = this.ignoreRange ? null : /^bytes=(\d+)-$/.exec(req.headers.range ?? "");
     if (range) {
       start = Number(range[1]);
       if (start >= data.length) {
@@ -327,6 +329,15 @@ test("an interrupted transfer resumes with a Range request, in the same call and
     assert.deepEqual(hub.log.filter((r) => r.path === cdnPath).map((r) => r.range), ["bytes=250000-"]);
     // Files completed in the first run were not fetched again.
     assert.ok(!hub.log.some((r) => r.path.endsWith("/config.json")));
+
+    // A server that ignores Range: the partial file is replaced by the whole one, not appended to.
+    rmSync(join(cacheDir, "models--org--tiny"), { recursive: true });
+    hub.ignoreRange = true;
+    hub.log.length = 0;
+    hub.cut = { path: shard.path, afterBytes: 300_000, times: 1 };
+    const whole = await downloadHfModel(parseHfRef("hf://org/tiny"), opts(hub, cacheDir));
+    assert.deepEqual(readFileSync(join(whole.dir, shard.path)), shard.data);
+    assert.deepEqual(hub.log.filter((r) => r.path === cdnPath).map((r) => r.range), [undefined, "bytes=300000-"]);
   });
 });
 

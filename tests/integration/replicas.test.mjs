@@ -95,4 +95,37 @@ describe("two trainer replicas on one PostgreSQL queue", { skip: skipReason, tim
     }
     assert.deepEqual((await store.list("adapters")).sort(), Array.from({ length: JOBS }, (_, i) => `stone-${i}`).sort());
   });
+
+  test("docker stop (SIGTERM, as on a rolling update) mid-job: the replica checkpoints and requeues it, the other one resumes it at once", async () => {
+    const { job } = await c[0].createJob({ baseModel: "stories", dataset: "stone", outputAdapter: "stone-long", lora: { rank: 4 }, training: { ...TRAINING, maxSteps: 400, saveSteps: 100, loggingSteps: 5 } });
+    const running = await waitForJob(c[0], job.id, (j) => j.state === JobState.RUNNING && (j.lastMetrics?.step ?? 0) >= 10, 3 * 60_000, "step 10");
+    assert.ok(running.lastMetrics.step < 400);
+    const db = await database();
+    let owner;
+    try {
+      owner = (await db.query(`SELECT owner FROM ${SCHEMA}.jobs WHERE id = $1`, [job.id])).rows[0].owner;
+    } finally {
+      await db.end();
+    }
+    const i = replicas.findIndex((r) => r.id.startsWith(owner));
+    assert.ok(i >= 0, `owner ${owner}`);
+    const [stopped, other] = [replicas[i], replicas[1 - i]];
+    const t = Date.now();
+    const exitCode = await stopped.terminate(60);
+    assert.equal(exitCode, 0, `the server exits 0 after a graceful shutdown\n${stopped.tail()}`);
+    assert.ok(Date.now() - t < 60_000, "stopped within the grace period, not killed");
+
+    // No lease to wait for: the job went back to the queue, and the other replica (polling every
+    // second) picks it up and continues from the shutdown checkpoint.
+    const done = await waitForJob(c[1 - i], job.id, (j) => [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED].includes(j.state), 3 * 60_000, "an end");
+    assert.equal(done.state, JobState.SUCCEEDED, `${done.error}\n${other.tail()}`);
+    assert.equal(done.attempts, 2);
+    assert.ok(done.resumedFromStep >= 10 && done.resumedFromStep < 400, `resumed from ${done.resumedFromStep}`);
+    const states = [];
+    for await (const e of c[1 - i].watchJob({ id: job.id })) if (e.event.case === "state") states.push(`${JobState[e.event.value.state]} ${e.event.value.message}`);
+    const text = states.join("\n");
+    assert.match(text, new RegExp(`QUEUED interrupted by a shutdown at step \\d+; resumes from step ${done.resumedFromStep}`), text);
+    assert.match(text, new RegExp(`RUNNING running on ${other.id.slice(0, 12)}`), text);
+    assert.match(text, new RegExp(`RUNNING resumed from the checkpoint at step ${done.resumedFromStep} of 400`), text);
+  });
 });

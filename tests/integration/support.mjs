@@ -2,7 +2,7 @@
 // direct access to the stores for assertions. The environment comes from tests/integration/run.mjs.
 //
 // Also a tiny CLI used by run.mjs: `node support.mjs empty-bucket ENDPOINT BUCKET KEY SECRET`.
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { createWriteStream, existsSync } from "node:fs";
 import { mkdtemp, readdir, readFile } from "node:fs/promises";
@@ -33,6 +33,19 @@ const importFrom = async (pkgDir, name) => import(pathToFileURL(requireFrom(pkgD
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+/** Runs a command without blocking the event loop. */
+function run(cmd, args) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (d) => (stdout += d));
+    child.stderr.setEncoding("utf8").on("data", (d) => (stderr += d));
+    child.on("error", reject);
+    child.on("close", (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Service containers
 
@@ -44,7 +57,7 @@ const QUALIFIED = { quantizer: "qlora.v1.QuantizerService", trainer: "qlora.v1.T
  */
 export function argsFor(service, env) {
   const fromManifests = E.QLORA_IT_SERVICE_ARGS ? JSON.parse(E.QLORA_IT_SERVICE_ARGS)[service] : undefined;
-  const args = fromManifests ?? ["--services", service, "--host", "0.0.0.0", "--port", "8080", "--data-dir", "$(QLORA_DATA_DIR)"];
+  const args = fromManifests ?? ["--services", service, "--host", "0.0.0.0", "--allow-insecure", "--port", "8080", "--data-dir", "$(QLORA_DATA_DIR)"];
   return args.map((a) => a.replace(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g, (m, k) => env[k] ?? m));
 }
 
@@ -88,7 +101,11 @@ export async function startService(service, { label = service, env = {} } = {}) 
     })
     .withWaitStrategy(Wait.forLogMessage(/qlora serve: listening on/))
     .withStartupTimeout(180_000)
-    .start();
+    .start()
+    .catch(async (e) => {
+      await sleep(500); // the last log lines
+      throw new Error(`${label}: the container did not start: ${e.message}\n--- last lines of ${logFile}:\n${tail.join("\n")}`);
+    });
   const url = `http://${container.getHost()}:${container.getMappedPort(8080)}`;
   const handle = {
     service,
@@ -116,9 +133,11 @@ export async function startService(service, { label = service, env = {} } = {}) 
      * `docker stop` (SIGTERM, then SIGKILL after `graceSeconds`, as the kubelet does with the pod's
      * grace period); returns the process's exit code and removes the container.
      */
-    terminate: (graceSeconds = 60) => {
-      const stop = spawnSync(DOCKER, ["stop", "--time", String(graceSeconds), container.getId()], { encoding: "utf8" });
-      if (stop.status !== 0) throw new Error(`docker stop: ${stop.stderr}`);
+    terminate: async (graceSeconds = 60) => {
+      // Asynchronously: this process's gRPC clients must keep answering (GOAWAY, session close)
+      // while the server drains, as live clients do.
+      const stop = await run(DOCKER, ["stop", "--time", String(graceSeconds), container.getId()]);
+      if (stop.code !== 0) throw new Error(`docker stop: ${stop.stderr}`);
       const code = Number(spawnSync(DOCKER, ["inspect", "--format", "{{.State.ExitCode}}", container.getId()], { encoding: "utf8" }).stdout.trim());
       spawnSync(DOCKER, ["rm", "-f", "-v", container.getId()], { stdio: "ignore" });
       return code;

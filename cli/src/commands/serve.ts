@@ -1,6 +1,6 @@
 import { mkdir } from "node:fs/promises";
 import { FailedPrecondition } from "@qlora/core";
-import { startServer, type ServiceRegistration } from "@qlora/rpc";
+import { securityOptions, startServer, type ServiceRegistration } from "@qlora/rpc";
 import { createStoreFromEnv } from "@qlora/store";
 import { defineCommand, UsageError } from "../command.js";
 import { checkJobStoreInUse, describeStores, openJobStore, resolveDevice, serverConfigFromEnv } from "../config.js";
@@ -30,6 +30,13 @@ export const serve = defineCommand({
     "job-store": { type: "string", value: "KIND", description: "Trainer job store: sqlite (the data dir) or postgres (QLORA_DATABASE_URL)", default: "$QLORA_JOB_STORE or sqlite" },
     device: { type: "string", value: "D", description: "auto, cpu or cuda (cuda fails unless this build and machine have it)", default: "$QLORA_DEVICE or auto" },
     "replica-id": { type: "string", value: "ID", description: "This replica's id in a shared job store", default: "$QLORA_REPLICA_ID, else the host name with postgres" },
+    "tls-cert": { type: "string", value: "FILE", description: "PEM certificate chain: serve TLS (with --tls-key; docs/security.md)" },
+    "tls-key": { type: "string", value: "FILE", description: "PEM private key of --tls-cert" },
+    "tls-client-ca": { type: "string", value: "FILE", description: "PEM CA bundle: require client certificates it signed (mutual TLS)" },
+    "allow-insecure": { type: "boolean", description: "Allow plaintext on a non-loopback --host (a mesh or proxy encrypts)" },
+    "auth-tokens": { type: "string", value: "FILE", description: "JSON bearer tokens with permissions and quotas (docs/security.md)" },
+    "audit-log": { type: "string", value: "FILE", description: "Append audit events (JSON lines) to FILE" },
+    "log-level": { type: "string", value: "L", description: "JSON logs on stderr: debug, info (one line per call), warn, error", default: "info" },
   },
   async run({ args, io, json, signal }) {
     const config = serverConfigFromEnv(
@@ -67,7 +74,16 @@ export const serve = defineCommand({
     }
     checkJobStoreInUse(config, registrations);
 
-    const server = await startServer({ host, port, services: registrations });
+    const security = await securityOptions({
+      tlsCert: args.string("tls-cert"),
+      tlsKey: args.string("tls-key"),
+      tlsClientCa: args.string("tls-client-ca"),
+      allowInsecure: args.bool("allow-insecure"),
+      authTokens: args.string("auth-tokens"),
+      auditLog: args.string("audit-log"),
+      logLevel: args.string("log-level"),
+    });
+    const server = await startServer({ host, port, services: registrations, ...security });
     const qualified = registrations.map((r) => r.service.typeName);
     const stores = describeStores(config);
     const replicaId = config.replicaId ?? null;
@@ -75,7 +91,7 @@ export const serve = defineCommand({
       writeJsonLine(io, { event: "listening", url: server.url, host: server.host, port: server.port, services: qualified, dataDir, ...stores, device, replicaId });
     } else {
       const extra = `store: ${stores.store}${stores.jobStore ? ` jobs: ${stores.jobStore}` : ""} device: ${device}${replicaId ? ` replica: ${replicaId}` : ""}`;
-      io.stdout.write(`qlora serve: listening on ${server.url} (gRPC, gRPC-Web, Connect; h2c and HTTP/1.1) services: ${names.join(", ")} data: ${dataDir} ${extra}\n`);
+      io.stdout.write(`qlora serve: listening on ${server.url} (gRPC, gRPC-Web, Connect; ${server.tls ? "TLS" : "h2c"} and HTTP/1.1) services: ${names.join(", ")} data: ${dataDir} ${extra}\n`);
     }
 
     await new Promise<void>((resolve) => {
@@ -83,6 +99,7 @@ export const serve = defineCommand({
       else signal.addEventListener("abort", () => resolve(), { once: true });
     });
     await server.close();
+    await security.dispose();
     if (json) writeJsonLine(io, { event: "stopped" });
     else io.stdout.write("qlora serve: stopped\n");
     return 0;

@@ -69,8 +69,38 @@ export function lossChart(points: readonly Point[], opts: { width?: number; heig
 }
 
 /**
- * Wraps text to `width` columns, keeping its own line breaks: at the last space of a line when
- * there is one in its second half (words stay whole), else hard (babble has no spaces).
+ * Terminal columns a character takes: 0 for combining marks and invisible format characters, 2
+ * for East Asian wide characters and emoji, else 1. (A random model's bytes decode to anything; the
+ * frames must stay aligned whatever they are.)
+ */
+export function charWidth(ch: string): number {
+  const cp = ch.codePointAt(0) ?? 0;
+  if (/[\p{M}\p{Cf}]/u.test(ch)) return 0;
+  if (
+    (cp >= 0x1100 && cp <= 0x115f) ||
+    (cp >= 0x2e80 && cp <= 0xa4cf && cp !== 0x303f) ||
+    (cp >= 0xac00 && cp <= 0xd7a3) ||
+    (cp >= 0xf900 && cp <= 0xfaff) ||
+    (cp >= 0xfe30 && cp <= 0xfe4f) ||
+    (cp >= 0xff00 && cp <= 0xff60) ||
+    (cp >= 0xffe0 && cp <= 0xffe6) ||
+    (cp >= 0x1f300 && cp <= 0x1faff) ||
+    (cp >= 0x20000 && cp <= 0x3fffd)
+  ) {
+    return 2;
+  }
+  return 1;
+}
+
+export function displayWidth(s: string): number {
+  let w = 0;
+  for (const ch of s) w += charWidth(ch);
+  return w;
+}
+
+/**
+ * Wraps text to `width` columns, keeping its own line breaks: at the last space that fits when
+ * there is one in the line's second half (words stay whole), else hard (babble has no spaces).
  */
 export function wrap(text: string, width: number): string[] {
   const out: string[] = [];
@@ -78,18 +108,24 @@ export function wrap(text: string, width: number): string[] {
     let chars = [...para];
     if (chars.length === 0) out.push("");
     while (chars.length > 0) {
-      if (chars.length <= width) {
+      // How many characters fit in `width` columns (at least one, so a wide character in a
+      // one-column box still makes progress).
+      let fit = 0;
+      let cols = 0;
+      while (fit < chars.length && cols + charWidth(chars[fit]!) <= width) cols += charWidth(chars[fit++]!);
+      if (fit === chars.length) {
         out.push(chars.join(""));
         break;
       }
-      // A space at index ≤ width: the words before it fit; the space itself is the line break.
-      const space = chars.lastIndexOf(" ", width);
-      if (space >= Math.floor(width / 2)) {
+      fit = Math.max(1, fit);
+      // A space at index ≤ fit: the words before it fit; the space itself is the line break.
+      const space = chars.lastIndexOf(" ", fit);
+      if (space >= Math.floor(fit / 2) && space > 0) {
         out.push(chars.slice(0, space).join(""));
         chars = chars.slice(space + 1);
       } else {
-        out.push(chars.slice(0, width).join(""));
-        chars = chars.slice(width);
+        out.push(chars.slice(0, fit).join(""));
+        chars = chars.slice(fit);
       }
     }
   }
@@ -110,8 +146,9 @@ export function sideBySide(left: { title: string; text: string }, right: { title
   const l = wrap(left.text, col);
   const r = wrap(right.text, col);
   const rule = `+${"-".repeat(col + 2)}+${"-".repeat(col + 2)}+`;
-  const row = (a: string, b: string) => `| ${a}${" ".repeat(Math.max(0, col - [...a].length))} | ${b}${" ".repeat(Math.max(0, col - [...b].length))} |`;
-  const lines = [rule, row(left.title.slice(0, col), right.title.slice(0, col)), rule];
+  const row = (a: string, b: string) => `| ${a}${" ".repeat(Math.max(0, col - displayWidth(a)))} | ${b}${" ".repeat(Math.max(0, col - displayWidth(b)))} |`;
+  const title = (t: string) => wrap(t, col)[0] ?? "";
+  const lines = [rule, row(title(left.title), title(right.title)), rule];
   for (let i = 0; i < Math.max(l.length, r.length); i++) lines.push(row(l[i] ?? "", r[i] ?? ""));
   lines.push(rule);
   return lines;

@@ -96,3 +96,5 @@ export {
 } from "./context.js";
 export { jsonLogger, isLogLevel, requestLogFields, safeJson, type Logger, type LogLevel, type LogFields, type JsonLoggerOptions } from "./log.js";
 export { clientTlsOptions, isLoopbackHost, loadTlsPem, peerCertSubject, type TlsConfig, type TlsFiles, type TlsPem } from "./tls.js";
+export { limitsInterceptor, DEFAULT_INPUT_LIMITS, type InputLimits } from "./limits.js";
+export { securityOptions, type SecuritySettings, type SecurityOptions } from "./options.js";

@@ -105,7 +105,8 @@ export class InferenceMetrics {
     if (o.completionTokens > 0) this.generatedTokens.inc({ model }, o.completionTokens);
     if (o.promptTokens > 0) this.promptTokens.inc({ model }, o.promptTokens);
     if (o.finishReason === "error") return;
-    if (o.completionTokens > 0 && o.timeToFirstTokenMs > 0) this.timeToFirstToken.observe({ model }, o.timeToFirstTokenMs / 1000);
+    // Timings come in whole milliseconds: 0 is a real (sub-millisecond) time to first token.
+    if (o.completionTokens > 0 && o.timeToFirstTokenMs >= 0) this.timeToFirstToken.observe({ model }, o.timeToFirstTokenMs / 1000);
     if (o.queueMs >= 0) this.queueTime.observe({ model }, o.queueMs / 1000);
     if (o.completionTokens > 1 && o.tokensPerSecond > 0 && Number.isFinite(o.tokensPerSecond)) {
       this.tokensPerSecond.observe({ model }, o.tokensPerSecond);

@@ -14,7 +14,7 @@
  *
  * Every request (RPC or plain HTTP route) gets a request id and trace context (context.ts),
  * echoed in `x-request-id` / `traceparent` response headers; then, for RPCs, interceptors in this
- * order: access log → metrics → tokens/permissions/quotas → audit → error mapping → handler.
+ * order: access log → metrics → tokens/permissions/quotas → audit → error mapping → input limits → handler.
  * Plain HTTP routes (`http`) are tried before connect's router and get the same treatment.
  */
 import http from "node:http";
@@ -57,6 +57,7 @@ import {
 } from "./http-routes.js";
 import { jsonLogger, requestLogFields, type Logger } from "./log.js";
 import { ServerMetrics } from "./metrics.js";
+import { limitsInterceptor, type InputLimits } from "./limits.js";
 import { isLoopbackHost, isTlsFiles, loadTlsPem, peerCertSubject, secureOptions, tlsFilesStamp, type TlsConfig } from "./tls.js";
 
 /** What a server needs to know about a service it hosts. Build one with defineService(). */
@@ -162,6 +163,8 @@ export interface StartServerOptions {
   metricsPath?: string | false;
   /** Most TCP connections at once (default 4096). */
   maxConnections?: number;
+  /** Limits on request fields (prompt size, new tokens, LoRA rank, …; see limits.ts); false: none. */
+  limits?: Partial<InputLimits> | false;
 }
 
 export interface RunningServer {
@@ -331,6 +334,7 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   }
   if (audit) interceptors.push(auditInterceptor(audit));
   interceptors.push(errorMappingInterceptor(report));
+  if (options.limits !== false) interceptors.push(limitsInterceptor(options.limits ?? {}));
 
   /** Request infos by node request; the connect handler picks them up as context values. */
   const infos = new WeakMap<object, RequestInfo>();

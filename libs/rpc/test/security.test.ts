@@ -32,6 +32,16 @@ import { fixtureService, tempDir, type FixtureState } from "./fixture.js";
 
 const quiet = jsonLogger({ level: "error" });
 
+/** The certificates are made with the openssl CLI (Debian: `apt-get install -y openssl`). */
+const noOpenssl: string | false = (() => {
+  try {
+    execFileSync("openssl", ["version"], { stdio: "ignore" });
+    return false;
+  } catch {
+    return "the openssl command is not installed";
+  }
+})();
+
 function openssl(dir: string, ...args: string[]): void {
   execFileSync("openssl", args, { cwd: dir, stdio: ["ignore", "ignore", "pipe"] });
 }
@@ -61,7 +71,7 @@ async function fixture(): Promise<FixtureState> {
   return state;
 }
 
-describe("TLS and mutual TLS", () => {
+describe("TLS and mutual TLS", { skip: noOpenssl }, () => {
   let dir: string;
   let pem: (f: string) => Promise<Buffer>;
   before(async () => {
@@ -399,5 +409,40 @@ describe("bearer tokens, permissions, quotas, audit", () => {
     assert.deepEqual(lines.map((l) => l.event), ["adapter_loaded", "job_created"]);
     const { mode } = await import("node:fs/promises").then((fs) => fs.stat(file));
     assert.equal(mode & 0o777, 0o600);
+  });
+});
+
+describe("input limits", () => {
+  let server: RunningServer;
+  before(async () => {
+    const inference = defineService(InferenceService, {
+      generate: (req) => ({ text: `ok ${req.prompt.length}` }),
+      async *generateStream(req) {
+        yield { text: `ok ${req.messages.length}` };
+      },
+    });
+    server = await startServer({ services: [inference], limits: { maxPromptChars: 1000, maxNewTokens: 64 }, gracePeriodMs: 100, log: quiet });
+  });
+  after(async () => {
+    await server.close();
+  });
+
+  test("prompt size, messages, new tokens and stop strings are bounded before the handler runs", async () => {
+    const c = createClient(InferenceService, createGrpcTransport({ baseUrl: server.url }));
+    const invalid = (re: RegExp) => (e: unknown) => e instanceof ConnectError && e.code === Code.InvalidArgument && re.test(e.rawMessage);
+    assert.equal((await c.generate({ prompt: "x".repeat(1000) })).text, "ok 1000");
+    await assert.rejects(c.generate({ prompt: "x".repeat(1001) }), invalid(/1001 characters; the limit is 1000/));
+    await assert.rejects(c.generate({ prompt: "x", maxNewTokens: 65 }), invalid(/max_new_tokens 65/));
+    await assert.rejects(c.generate({ prompt: "x", stop: Array.from({ length: 17 }, () => "s") }), invalid(/17 stop strings/));
+    await assert.rejects(c.generate({ prompt: "x", stop: ["s".repeat(257)] }), invalid(/stop string has 257/));
+    await assert.rejects(c.generate({ prompt: "x", model: "m".repeat(300) }), invalid(/model is 300 characters/));
+    // Server streams are checked too (their one message arrives as a stream).
+    const many = Array.from({ length: 513 }, () => ({ role: "user", content: "x" }));
+    await assert.rejects((async () => {
+      for await (const _ of c.generateStream({ messages: many })) void _;
+    })(), invalid(/513 messages/));
+    const seen: string[] = [];
+    for await (const m of c.generateStream({ messages: [{ role: "user", content: "hi" }] })) seen.push(m.text);
+    assert.deepEqual(seen, ["ok 1"]);
   });
 });

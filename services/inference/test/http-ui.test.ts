@@ -17,6 +17,7 @@ import { createConnectTransport } from "@connectrpc/connect-node";
 import { InferenceService, JobState, TrainerService } from "@qlora/proto";
 import { defineService, jsonLogger, startServer, type RunningServer } from "@qlora/rpc";
 import { inferenceService } from "../src/index.js";
+import { UI_HTML } from "../src/http/ui-page.js";
 import { MODEL, TestStore, skipNoStories } from "./fixture.js";
 
 function findChromium(): string | null {
@@ -85,6 +86,13 @@ after(async () => {
   await server.close();
   await ts.dispose();
   if (!process.env.QLORA_UI_SCREENSHOT) await rm(work, { recursive: true, force: true });
+});
+
+test("the page is self-contained and its script parses", () => {
+  const script = /<script>([\s\S]*)<\/script>/.exec(UI_HTML)?.[1];
+  assert.ok(script && script.length > 1000);
+  assert.doesNotThrow(() => new Function(script), "the inline script is valid JavaScript");
+  assert.doesNotMatch(UI_HTML, /<script[^>]+src=|<link[^>]+href=|https?:\/\/(?!www\.w3\.org\/2000\/svg")/, "no external resources (the CSP allows none)");
 });
 
 function runChromium(args: string[]): Promise<string> {

@@ -73,8 +73,9 @@ test("SIGKILL mid-job, restart on the same data directory: the job resumes from 
     assert.deepEqual(states.map((s) => s.split(":")[0]), ["QUEUED", "RUNNING", "RUNNING", "RUNNING", "SUCCEEDED"]);
     assert.match(states[2]!, new RegExp(`^RUNNING: running again on ${childReplica} after it restarted \\(attempt 2\\)$`));
     const resumedFrom = Number(/at step (\d+) of 80/.exec(states[3]!)?.[1]);
-    // The newest checkpoint on disk: the last published one, or one written after it but not published before the kill.
-    assert.ok(resumedFrom >= lastCheckpoint && resumedFrom <= killedAt, `resumed from ${resumedFrom} (published ${lastCheckpoint}, killed at ${killedAt})`);
+    // The newest checkpoint on disk: the last published one, or one written after it (the child keeps
+    // training between the step read at ~${killedAt} and the SIGKILL landing), never the end of the run.
+    assert.ok(resumedFrom >= lastCheckpoint && resumedFrom < 80, `resumed from ${resumedFrom} (published ${lastCheckpoint}, step ~${killedAt} when killed)`);
     assert.equal(resumedFrom % 5, 0);
     const done = (await h.client.getJob({ id: jobId })).job!;
     assert.equal(done.state, JobState.SUCCEEDED);

@@ -25,7 +25,7 @@ import {
   type HttpRoute,
 } from "@qlora/rpc";
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import type { Catalog } from "./catalog.js";
+import { parseModelName, type Catalog } from "./catalog.js";
 
 export interface OpenAiLimits {
   /** Largest prompt (or all messages' content together), in characters (default 1 Mi). */
@@ -148,8 +148,15 @@ async function parseCommon(body: Json, catalog: Catalog, limits: OpenAiLimits, c
   refuseUnsupported(body);
   if (typeof body.model !== "string" || !body.model) throw new InvalidArgument("model is required (BASE or BASE:ADAPTER; GET /v1/models lists them)");
   const id = body.model;
+  // BASE:ADAPTER is checked before the store is asked, so a token learns nothing about names it may not use.
+  const parsed = parseModelName(id);
+  if (parsed.adapter) {
+    ctx.auth.checkResource("model", parsed.model);
+    ctx.auth.checkResource("adapter", parsed.adapter);
+  }
   const name = await catalog.resolve(id);
-  ctx.auth.checkResource("model", name.model);
+  if (name.model) ctx.auth.checkResource("model", name.model);
+  else ctx.auth.checkResource("model", "");
   if (name.adapter) ctx.auth.checkResource("adapter", name.adapter);
   const stream = body.stream === true;
   const so = body.stream_options as Json | undefined | null;

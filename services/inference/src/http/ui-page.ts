@@ -155,7 +155,8 @@ function render(s) {
 async function poll() {
   try {
     const headers = token ? { authorization: "Bearer " + token } : {};
-    const r = await fetch(location.pathname.replace(/\/?$/, "/") + "api/state", { headers, cache: "no-store" });
+    const base = location.pathname.endsWith("/") ? location.pathname : location.pathname + "/";
+    const r = await fetch(base + "api/state", { headers, cache: "no-store" });
     if (r.status === 401 || r.status === 403) { $("login").style.display = "flex"; throw new Error(r.status === 401 ? "a token is needed" : "this token may not view the page"); }
     if (!r.ok) throw new Error("HTTP " + r.status);
     render(await r.json());

@@ -57,12 +57,13 @@ export class TrainerView {
     this.abort.abort();
   }
 
-  private follow(id: string): void {
-    if (this.curves.has(id) || !this.client) return;
+  /** Starts collecting a job's loss curve; resolves when its stream ends (history replayed and done). */
+  private follow(id: string): Promise<void> | undefined {
+    if (this.curves.has(id) || !this.client) return undefined;
     const curve: Curve = { points: [], evalPoints: [], ended: false };
     this.curves.set(id, curve);
     const client = this.client;
-    void (async () => {
+    return (async () => {
       try {
         for await (const ev of client.watchJob({ id }, { signal: this.abort.signal })) {
           if (ev.event.case !== "metrics") continue;
@@ -103,7 +104,13 @@ export class TrainerView {
     const recent = list.slice(0, MAX_WATCHED);
     const keep = new Set(recent.map((j) => j.id));
     for (const id of [...this.curves.keys()]) if (!keep.has(id) && this.curves.get(id)!.ended) this.curves.delete(id);
-    for (const j of recent) this.follow(j.id);
+    const started = recent.map((j) => this.follow(j.id)).filter((p): p is Promise<void> => p !== undefined);
+    if (started.length) {
+      // Finished jobs replay their history at once: show it in this answer already (bounded wait).
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([Promise.all(started), new Promise<void>((r) => (timer = setTimeout(r, 300)))]);
+      clearTimeout(timer);
+    }
     return recent.map((j) => {
       const m = j.lastMetrics;
       const c = this.curves.get(j.id);
