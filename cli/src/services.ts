@@ -6,11 +6,16 @@
  */
 import type { ServiceRegistration } from "@qlora/rpc";
 import type { ArtifactStore } from "@qlora/store";
+import type { JobStore } from "@qlora/trainer";
 
 export interface ServeContext {
   store: ArtifactStore;
   /** Absolute data directory (the store's root). */
   dataDir: string;
+  /** The trainer's replica identity (PostgreSQL job store); undefined: its own per-data-dir id. */
+  replicaId?: string | undefined;
+  /** The configured job store (PostgreSQL); undefined: the trainer's embedded SQLite. */
+  openJobStore?: () => Promise<JobStore | undefined>;
 }
 
 export type ServiceFactory = (ctx: ServeContext) => ServiceRegistration | Promise<ServiceRegistration>;
@@ -18,7 +23,11 @@ export type ServiceFactory = (ctx: ServeContext) => ServiceRegistration | Promis
 export const SERVICES: Record<string, ServiceFactory | { unavailable: string }> = {
   // Imported on demand: service packages load native code that other commands do not need.
   quantizer: async ({ store }) => (await import("@qlora/quantizer")).quantizerService(store),
-  trainer: async ({ store, dataDir }) => (await import("@qlora/trainer")).trainerService({ store, dataDir }),
+  trainer: async ({ store, dataDir, replicaId, openJobStore }) => {
+    const { trainerService } = await import("@qlora/trainer");
+    const jobStore = await openJobStore?.();
+    return trainerService({ store, dataDir, ...(jobStore ? { jobStore } : {}), ...(replicaId ? { replicaId } : {}) });
+  },
   inference: async ({ store }) => (await import("@qlora/inference")).inferenceService({ store }),
 };
 
