@@ -128,6 +128,15 @@ export class JobManager {
   private pumpDone: Promise<void> = Promise.resolve();
   private timers: NodeJS.Timeout[] = [];
 
+  /**
+   * Where logged steps and job ends are reported for Prometheus (the server's `ctx.metrics.training`,
+   * set when the service starts); none: not reported.
+   */
+  trainingMetrics: {
+    observeStep(s: { jobId: string; step: number; loss: number; tokensPerSecond: number; learningRate?: number }): void;
+    jobEnded(jobId: string): void;
+  } | undefined;
+
   constructor(private readonly o: JobManagerOptions) {}
 
   get replicaId(): string {
@@ -379,6 +388,9 @@ export class JobManager {
         // The job keeps the last eval loss next to the newest training metrics.
         r.metrics = r.metrics.evalLoss !== undefined ? { ...metrics, evalLoss: r.metrics.evalLoss } : metrics;
         r.lastFlush = Date.now();
+        this.trainingMetrics?.observeStep({
+          jobId: r.id, step: e.step, loss: e.loss, tokensPerSecond: e.tokensPerSecond, learningRate: e.learningRate,
+        });
         await this.progress(r, { metrics: r.metrics }, { kind: "metrics", metrics });
         return;
       }
@@ -510,6 +522,7 @@ export class JobManager {
   private async end(r: RunningJob, outcome: { state: TerminalState; message: string; error?: string; metrics?: MetricsRecord }): Promise<void> {
     if (r.abandoned) return;
     r.ending = true;
+    this.trainingMetrics?.jobEnded(r.id);
     const ev = await this.o.jobs.finish(r.id, this.o.replicaId, { ...outcome, ...(outcome.metrics ? {} : { metrics: r.metrics }) });
     if (!ev) return this.abandon(r, "lost its lease before it could record the outcome");
     this.wake(r.id);

@@ -313,6 +313,16 @@ export function trainerService(opts: TrainerServiceOptions): TrainerServiceHandl
           }
         })();
         void closingSignal.then(() => ac.abort());
+        // Prometheus: logged steps and job ends are pushed; jobs by state are read at scrape time.
+        if (ctx.metrics) {
+          const training = ctx.metrics.training;
+          manager.trainingMetrics = training;
+          ctx.metrics.onCollect(async () => {
+            const counts: Record<string, number> = {};
+            for (const j of await jobs.list({})) counts[j.state] = (counts[j.state] ?? 0) + 1;
+            training.setJobCounts(counts);
+          });
+        }
         await manager.start();
       },
       onClose: () => close(),

@@ -191,6 +191,18 @@ describe("TrainerService (deterministic runner)", () => {
     assert.deepEqual(describeEvents(watchers[2]!), describeEvents(watchers[0]!));
   });
 
+  test("Prometheus /metrics: jobs by state and the logged training steps", async () => {
+    const text = await (await fetch(new URL("/metrics", h.server.url))).text();
+    const value = (series: string) => Number(new RegExp(`^${series.replace(/[{}]/g, "\\$&")} (\\S+)$`, "m").exec(text)?.[1]);
+    const succeeded = (await h.client.listJobs({ state: JobState.SUCCEEDED })).jobs.length;
+    assert.ok(succeeded >= 1);
+    assert.equal(value('qlora_training_jobs{state="succeeded"}'), succeeded);
+    assert.equal(value('qlora_training_jobs{state="running"}'), 0);
+    assert.ok(value("qlora_training_logged_steps_total") >= 5, "every logged step is counted");
+    // Per-job series go when the job ends (bounded label cardinality).
+    assert.doesNotMatch(text, /^qlora_training_loss\{/m);
+  });
+
   test("ListJobs filters by state; GetJob/WatchJob/ListCheckpoints of an unknown job are NOT_FOUND", async () => {
     const all = (await h.client.listJobs({})).jobs;
     assert.equal(all.length, 3);
