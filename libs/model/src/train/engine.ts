@@ -5,56 +5,11 @@
  * on any object with these methods (NativeModel, or a reference engine in tests).
  */
 import { FailedPrecondition } from "@qlora/core";
+// The data shapes of the API are the kernels' own (type-only import: no native code is loaded).
+import type { AdamWStepOptions, LoraModuleState, LoraState, LoraTrainSpec, TrainBatchInput } from "@qlora/kernels";
 
-export interface LoraTrainSpec {
-  rank: number;
-  alpha: number;
-  useRslora: boolean;
-  /** Dropout probability on the LoRA branch input. */
-  dropout: number;
-  /** Canonical module names, e.g. "layers.0.self_attn.q_proj". */
-  targets: string[];
-  /** A ~ kaiming_uniform(a=√5) = U(-1/√in, 1/√in) drawn from this seed; B = 0. */
-  seed: bigint;
-}
-
-export interface TrainBatchInput {
-  tokens: Int32Array;
-  /** labels[b*T+t]: the target token at position t, or -100. */
-  labels: Int32Array;
-  batchSize: number;
-  seqLen: number;
-  /** Packing: example id per position (attention within a segment, positions restart). */
-  segments?: Int32Array;
-}
-
-export interface LoraModuleState {
-  a: Float32Array;
-  b: Float32Array;
-  /** AdamW first/second moments of A and B. */
-  ma: Float32Array;
-  va: Float32Array;
-  mb: Float32Array;
-  vb: Float32Array;
-}
-
-export interface LoraState {
-  rank: number;
-  scaling: number;
-  modules: Record<string, LoraModuleState>;
-}
-
-export interface AdamWParams {
-  lr: number;
-  beta1: number;
-  beta2: number;
-  eps: number;
-  weightDecay: number;
-  /** > 0: clip by the global gradient norm first. */
-  maxGradNorm: number;
-  /** 1-based optimizer step (bias correction). */
-  step: number;
-}
+export type { LoraModuleState, LoraState, LoraTrainSpec, TrainBatchInput };
+export type AdamWParams = AdamWStepOptions;
 
 export interface TrainingEngine {
   initLora(slot: number, spec: LoraTrainSpec): void;
