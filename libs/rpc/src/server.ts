@@ -608,6 +608,14 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
     tcp = net.createServer(dispatch);
   }
   tcp.maxConnections = options.maxConnections ?? 4096;
+  // Every accepted TCP socket (TLS: the raw one underneath), so that close() can cut what an
+  // unresponsive client keeps open after the grace period: destroying an HTTP/2 session that was
+  // handed a socket through emit("connection") does not always close that socket.
+  const rawSockets = new Set<net.Socket>();
+  tcp.on("connection", (socket: net.Socket) => {
+    rawSockets.add(socket);
+    socket.once("close", () => rawSockets.delete(socket));
+  });
   await new Promise<void>((resolve, reject) => {
     const onError = (e: NodeJS.ErrnoException) => {
       tcp.off("listening", onListening);
@@ -681,6 +689,7 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
       }
       for (const s of sessions) s.destroy();
       for (const s of h1Sockets) s.destroy();
+      for (const s of rawSockets) s.destroy();
     } else {
       shutdown.abort(new ConnectError("server is shutting down", Code.Unavailable));
     }

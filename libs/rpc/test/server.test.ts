@@ -243,6 +243,32 @@ describe("startServer lifecycle", () => {
     );
   });
 
+  test("close() ends within the grace period even when a client stops reading", async () => {
+    const state: FixtureState = { models: new Map(), slowSignals: [], uploadRoot: await tempDir() };
+    const server = await startServer({ services: [fixtureService(state)], gracePeriodMs: 300 });
+    // A frozen HTTP/2 peer: it opens a session with a stream whose response it never reads,
+    // and never answers the GOAWAY.
+    const frozen = net.connect(server.port, "127.0.0.1");
+    await new Promise<void>((resolve) => frozen.once("connect", () => resolve()));
+    frozen.on("error", () => {});
+    const preface = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    const settings = Buffer.from([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    frozen.write(Buffer.concat([preface, settings]));
+    await new Promise((r) => setTimeout(r, 100));
+    frozen.pause();
+    const closedBySever = new Promise<void>((resolve) => frozen.once("close", () => resolve()));
+    const t0 = Date.now();
+    const outcome = await Promise.race([
+      server.close().then(() => "closed"),
+      new Promise((r) => setTimeout(() => r("still open after 5 s"), 5000).unref()),
+    ]);
+    assert.equal(outcome, "closed");
+    const took = Date.now() - t0;
+    assert.ok(took < 3000, `close took ${took} ms`);
+    frozen.resume();
+    await closedBySever;
+  });
+
   test("a busy port is a clear FAILED_PRECONDITION", async () => {
     const first = await startServer({ services: [] });
     try {
