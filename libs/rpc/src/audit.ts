@@ -13,6 +13,7 @@ import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { requestInfoKey, type RequestInfo } from "./context.js";
 import { codeName } from "./http-routes.js";
 import { safeJson } from "./log.js";
+import { nextWithOutcome } from "./outcome.js";
 import { resourcesOf, type Resources } from "./auth.js";
 
 export interface AuditEvent {
@@ -113,41 +114,12 @@ export function auditInterceptor(audit: AuditLog, audited: ReadonlySet<string> =
         })(),
       };
     }
-    let done = false;
-    const write = (e: unknown) => {
-      if (done) return;
-      done = true;
+    return nextWithOutcome(next, request, (e) => {
       const ce = e === null ? null : ConnectError.from(e);
       audit.record(
         { event: "rpc", rpc, outcome: ce ? codeName(ce.code) : "ok", ...(ce ? { message: ce.rawMessage } : {}), ...(resources ? { resources } : {}) },
         info,
       );
-    };
-    let res;
-    try {
-      res = await next(request);
-    } catch (e) {
-      write(e);
-      throw e;
-    }
-    if (!res.stream) {
-      write(null);
-      return res;
-    }
-    const out = res.message;
-    return {
-      ...res,
-      message: (async function* () {
-        let error: unknown = null;
-        try {
-          yield* out;
-        } catch (e) {
-          error = e;
-          throw e;
-        } finally {
-          write(error ?? (req.signal.aborted ? new ConnectError("cancelled", Code.Canceled) : null));
-        }
-      })(),
-    };
+    });
   };
 }

@@ -57,6 +57,7 @@ import {
 } from "./http-routes.js";
 import { jsonLogger, requestLogFields, type Logger } from "./log.js";
 import { ServerMetrics } from "./metrics.js";
+import { nextWithOutcome } from "./outcome.js";
 import { limitsInterceptor, type InputLimits } from "./limits.js";
 import { isLoopbackHost, isTlsFiles, loadTlsPem, peerCertSubject, secureOptions, tlsFilesStamp, type TlsConfig } from "./tls.js";
 
@@ -288,39 +289,13 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
     const info = req.contextValues.get(requestInfoKey);
     const rpc = `${req.service.typeName}/${req.method.name}`;
     const fields = () => ({ rpc, ...requestLogFields(info), duration_ms: info ? Date.now() - info.startedAt : undefined });
-    const line = (e: unknown) => {
+    return nextWithOutcome(next, req, (e) => {
       if (e === null) log.info("rpc", { ...fields(), code: "ok" });
       else {
         const ce = ConnectError.from(e);
         log.log(ce.code === Code.Internal || ce.code === Code.Unknown ? "warn" : "info", "rpc", { ...fields(), code: codeName(ce.code), message: ce.rawMessage });
       }
-    };
-    let res;
-    try {
-      res = await next(req);
-    } catch (e) {
-      line(e);
-      throw e;
-    }
-    if (!res.stream) {
-      line(null);
-      return res;
-    }
-    const out = res.message;
-    return {
-      ...res,
-      message: (async function* () {
-        let error: unknown = null;
-        try {
-          yield* out;
-        } catch (e) {
-          error = e;
-          throw e;
-        } finally {
-          line(error ?? (req.signal.aborted ? new ConnectError("cancelled", Code.Canceled) : null));
-        }
-      })(),
-    };
+    });
   };
 
   const interceptors: Interceptor[] = [accessLog, metrics.interceptor()];
