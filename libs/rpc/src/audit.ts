@@ -9,7 +9,7 @@
  * permission denied, over quota). Services can add their own events with `ctx.audit.record()`.
  */
 import { createWriteStream, type WriteStream } from "node:fs";
-import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { ConnectError, type Interceptor } from "@connectrpc/connect";
 import { requestInfoKey, type RequestInfo } from "./context.js";
 import { codeName } from "./http-routes.js";
 import { safeJson } from "./log.js";
