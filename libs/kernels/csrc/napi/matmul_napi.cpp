@@ -4,54 +4,20 @@
 #include <string>
 
 #include "cpu/matmul.h"
+#include "napi/args.h"
 #include "napi/registry.h"
 
 namespace {
 
-struct Span {
-  uint8_t* data;
-  size_t bytes;
-};
-
-Span bytesOf(const Napi::Value& v, const char* what) {
-  if (v.IsTypedArray()) {
-    auto ta = v.As<Napi::TypedArray>();
-    return {static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), ta.ByteLength()};
-  }
-  throw Napi::TypeError::New(v.Env(), std::string(what) + " must be a typed array");
-}
+using qk::napi::bytesOf;
+using qk::napi::Span;
+using qk::napi::guarded;
+using qk::napi::intArg;
 
 // A Float32Array of at least minElems (or null/undefined when optional).
 float* f32Of(const Napi::Value& v, size_t minElems, const char* what, bool optional = false) {
   if (optional && (v.IsNull() || v.IsUndefined())) return nullptr;
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
-    throw Napi::TypeError::New(v.Env(), std::string(what) + " must be a Float32Array");
-  auto ta = v.As<Napi::TypedArray>();
-  if (ta.ElementLength() < minElems)
-    throw Napi::RangeError::New(v.Env(), std::string(what) + " is too short: " + std::to_string(ta.ElementLength()) +
-                                             " < " + std::to_string(minElems));
-  return reinterpret_cast<float*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
-}
-
-int64_t intArg(const Napi::Value& v, const char* what) {
-  if (!v.IsNumber()) throw Napi::TypeError::New(v.Env(), std::string(what) + " must be a number");
-  double d = v.As<Napi::Number>().DoubleValue();
-  if (!(d >= 0) || d != static_cast<double>(static_cast<int64_t>(d)) || d > 9007199254740991.0)
-    throw Napi::RangeError::New(v.Env(), std::string(what) + " must be a non-negative integer");
-  return static_cast<int64_t>(d);
-}
-
-template <typename F>
-Napi::Value guarded(const Napi::CallbackInfo& info, F&& f) {
-  try {
-    return f();
-  } catch (const Napi::Error&) {
-    throw;
-  } catch (const std::invalid_argument& e) {
-    throw Napi::TypeError::New(info.Env(), e.what());
-  } catch (const std::exception& e) {
-    throw Napi::Error::New(info.Env(), e.what());
-  }
+  return qk::napi::typedOf<float>(v, napi_float32_array, minElems, what);
 }
 
 // (dtype, data, absmax, blocksize, rows, cols) starting at info[i] -> WeightView, bounds-checked.

@@ -5,63 +5,17 @@
 #include <string>
 
 #include "cpu/nf4.h"
+#include "napi/args.h"
 #include "napi/registry.h"
 
 namespace {
 
-struct Span {
-  uint8_t* data;
-  size_t bytes;
-};
+using qk::napi::bytesOf;
+using qk::napi::Span;
+using qk::napi::guarded;
+using qk::napi::typedOf;
 
-// Any typed array / Buffer / DataView: its bytes (raw little-endian tensor data from safetensors).
-Span bytesOf(const Napi::Value& v, const char* what) {
-  if (v.IsTypedArray()) {
-    auto ta = v.As<Napi::TypedArray>();
-    return {static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), ta.ByteLength()};
-  }
-  if (v.IsDataView()) {
-    auto dv = v.As<Napi::DataView>();
-    return {static_cast<uint8_t*>(dv.ArrayBuffer().Data()) + dv.ByteOffset(), dv.ByteLength()};
-  }
-  if (v.IsArrayBuffer()) {
-    auto ab = v.As<Napi::ArrayBuffer>();
-    return {static_cast<uint8_t*>(ab.Data()), ab.ByteLength()};
-  }
-  throw Napi::TypeError::New(v.Env(), std::string(what) + " must be a typed array");
-}
-
-template <typename T>
-T* typedOf(const Napi::Value& v, napi_typedarray_type type, size_t minElems, const char* what) {
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type)
-    throw Napi::TypeError::New(v.Env(), std::string(what) + " has the wrong typed array type");
-  auto ta = v.As<Napi::TypedArray>();
-  if (ta.ElementLength() < minElems)
-    throw Napi::RangeError::New(v.Env(), std::string(what) + " is too short: " + std::to_string(ta.ElementLength()) +
-                                             " < " + std::to_string(minElems));
-  return reinterpret_cast<T*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
-}
-
-int64_t intArg(const Napi::CallbackInfo& info, size_t i, const char* what) {
-  if (!info[i].IsNumber()) throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a number");
-  double d = info[i].As<Napi::Number>().DoubleValue();
-  if (!(d >= 0) || d != static_cast<double>(static_cast<int64_t>(d)) || d > 9007199254740991.0)
-    throw Napi::RangeError::New(info.Env(), std::string(what) + " must be a non-negative integer");
-  return static_cast<int64_t>(d);
-}
-
-template <typename F>
-Napi::Value guarded(const Napi::CallbackInfo& info, F&& f) {
-  try {
-    return f();
-  } catch (const Napi::Error&) {
-    throw;
-  } catch (const std::invalid_argument& e) {
-    throw Napi::TypeError::New(info.Env(), e.what());
-  } catch (const std::exception& e) {
-    throw Napi::Error::New(info.Env(), e.what());
-  }
-}
+int64_t intArg(const Napi::CallbackInfo& info, size_t i, const char* what) { return qk::napi::intArg(info[i], what); }
 
 // nf4Quantize(src, dtype: "f32"|"f16"|"bf16", n, blocksize, packedOut: Uint8Array, absmaxOut: Float32Array)
 Napi::Value nf4Quantize(const Napi::CallbackInfo& info) {
