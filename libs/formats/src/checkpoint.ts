@@ -4,14 +4,13 @@
  */
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { InvalidArgument, NotFound } from "@qlora/core";
+import { InvalidArgument, NotFound, pathExists } from "@qlora/core";
 import type { WeightTensor } from "./weight.js";
 import { parseModelConfig, type ModelConfig } from "./config.js";
 import { isFloatDtype, KERNEL_DTYPE, type FloatDtype } from "./dtype.js";
 import { bnbWeightKeyOf, QUANT_STATE_SUFFIX, readBnb4bitWeight } from "./bnb4bit.js";
 import { canonicalToHf, detectKeyPrefix, expectedWeights, hfToCanonical, linearWeightNames, type KeyPrefix } from "./names.js";
 import { SafetensorsSet, type ShardedTensor } from "./sharded.js";
-import { pathExists } from "./fsutil.js";
 import { JsonSyntaxError, parseJson } from "./pyjson.js";
 
 /** Files besides the weights that belong with a model (copied by the quantizer when present). */

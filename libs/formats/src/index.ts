@@ -1,6 +1,5 @@
 export * from "./dtype.js";
 export * from "./pyjson.js";
-export * from "./fsutil.js";
 export * from "./safetensors.js";
 export * from "./sharded.js";
 export * from "./config.js";

@@ -2,16 +2,15 @@
  * PEFT LoRA adapters (../../shared/docs/formats.md §4): `adapter_config.json` +
  * `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_{A,B}.weight`.
  */
-import { mkdir, open, readFile, rm } from "node:fs/promises";
+import { mkdir, readFile, rm } from "node:fs/promises";
 import { dirname, join } from "node:path";
-import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
+import { AlreadyExists, FailedPrecondition, fsyncDir, InvalidArgument, NotFound, pathExists, renameDirIntoPlace, tempSibling, writeFileSynced } from "@qlora/core";
 import type { ModelFamily } from "./config.js";
 import { f32Bytes, isFloatDtype, toFloat32 } from "./dtype.js";
 import { readSafetensorsBuffer, serializeSafetensors } from "./safetensors.js";
 import { canonicalToModulePath, modulePathToCanonical } from "./names.js";
 import { PyFloat, pyJsonDumps, type PyJsonValue } from "./pyjson.js";
 import { readJsonFile } from "./checkpoint.js";
-import { fsyncDir, pathExists, renameDirIntoPlace, tempSibling } from "./fsutil.js";
 
 export const ADAPTER_CONFIG = "adapter_config.json";
 export const ADAPTER_WEIGHTS = "adapter_model.safetensors";
@@ -289,13 +288,3 @@ export async function writePeftAdapter(
   return { files: [ADAPTER_CONFIG, ADAPTER_WEIGHTS] };
 }
 
-/** Writes and fsyncs one file. */
-export async function writeFileSynced(path: string, data: string | Uint8Array): Promise<void> {
-  const fh = await open(path, "wx");
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}

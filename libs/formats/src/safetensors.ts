@@ -7,10 +7,9 @@
  */
 import { open, rename, rm, type FileHandle } from "node:fs/promises";
 import { dirname } from "node:path";
-import { InvalidArgument, NotFound } from "@qlora/core";
+import { fsyncDir, InvalidArgument, NotFound, tempSibling } from "@qlora/core";
 import { dtypeRank, isSafetensorsDtype, tensorByteLength, type SafetensorsDtype } from "./dtype.js";
 import { JsonSyntaxError, parseJson } from "./pyjson.js";
-import { fsyncDir, tempSibling } from "./fsutil.js";
 
 /** The reader's limit on N, as in the reference implementation (MAX_HEADER_SIZE). */
 export const MAX_HEADER_SIZE = 100_000_000;

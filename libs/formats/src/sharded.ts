@@ -4,10 +4,9 @@
  */
 import { open, readFile, rename, rm, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
-import { FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
+import { FailedPrecondition, fsyncDir, InvalidArgument, NotFound, pathExists, tempSibling } from "@qlora/core";
 import { tensorByteLength, type SafetensorsDtype } from "./dtype.js";
 import { SafetensorsFile, SafetensorsWriter, type TensorInfo, type TensorPlan } from "./safetensors.js";
-import { fsyncDir, pathExists, tempSibling } from "./fsutil.js";
 import { parseJson, pyJsonDumps, JsonSyntaxError, type PyJsonValue } from "./pyjson.js";
 
 export const SINGLE_FILE = "model.safetensors";

@@ -43,10 +43,10 @@ import {
   type _Object,
   type S3ClientConfig,
 } from "@aws-sdk/client-s3";
-import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, QloraError } from "@qlora/core";
+import { AlreadyExists, FailedPrecondition, fsyncDir, fsyncFile, InvalidArgument, NotFound, pathExists, QloraError } from "@qlora/core";
 import { ARTIFACT_KINDS, resolveUnder, validateKind, validateName, validateRelativePath, type ArtifactKind } from "./names.js";
 import { listFiles, MANIFEST_FILE, parseManifest, type Manifest, type ManifestFile, type VerifyResult } from "./manifest.js";
-import type { ArtifactStat, ArtifactStore, ArtifactWriter, FileData, WriteOptions } from "./store.js";
+import { writeStagedFile, type ArtifactStat, type ArtifactStore, type ArtifactWriter, type FileData, type WriteOptions } from "./store.js";
 
 const MiB = 1024 * 1024;
 /** S3's limits: parts of at least 5 MiB (except the last), at most 10,000 parts per upload. */
@@ -221,28 +221,7 @@ async function readExactly(fh: FileHandle, offset: number, length: number): Prom
   return buf;
 }
 
-async function fsyncPath(p: string): Promise<void> {
-  let fh: FileHandle | undefined;
-  try {
-    fh = await open(p, "r");
-    await fh.sync();
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code !== "EINVAL" && code !== "EISDIR" && code !== "EPERM" && code !== "EBADF") throw e;
-  } finally {
-    await fh?.close();
-  }
-}
 
-async function pathExists(p: string): Promise<boolean> {
-  try {
-    await stat(p);
-    return true;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === "ENOENT") return false;
-    throw e;
-  }
-}
 
 /** Normalises a key prefix: trims slashes; refuses empty, "." and ".." segments. */
 export function normalizeS3Prefix(prefix: string | undefined): string {
@@ -531,7 +510,7 @@ export class S3Store implements ArtifactStore {
       } finally {
         await fh.close();
       }
-      await fsyncPath(tmp);
+      await fsyncFile(tmp);
       await mkdir(dirname(target), { recursive: true });
       try {
         await rename(tmp, target);
@@ -540,7 +519,7 @@ export class S3Store implements ArtifactStore {
         // Another process (or call) cached the same version first: use theirs.
         if (code !== "ENOTEMPTY" && code !== "EEXIST") throw e;
       }
-      await fsyncPath(dirname(target));
+      await fsyncDir(dirname(target));
     } finally {
       await rm(tmp, { recursive: true, force: true });
     }
@@ -1067,25 +1046,7 @@ class S3Writer implements ArtifactWriter {
     this.requireOpen();
     const rel = validateRelativePath(path);
     if (rel === MANIFEST_FILE) throw new InvalidArgument(`${MANIFEST_FILE} is written by commit()`);
-    const abs = resolveUnder(this.dir, ...rel.split("/"));
-    await mkdir(dirname(abs), { recursive: true });
-    const h = createHash("sha256");
-    let size = 0;
-    const fh = await open(abs, "w");
-    try {
-      const chunks: AsyncIterable<Uint8Array | string> | Iterable<Uint8Array | string> =
-        typeof data === "string" || data instanceof Uint8Array ? [data] : (data as AsyncIterable<Uint8Array | string>);
-      for await (const chunk of chunks) {
-        const buf = typeof chunk === "string" ? Buffer.from(chunk) : chunk;
-        h.update(buf);
-        size += buf.byteLength;
-        let off = 0;
-        while (off < buf.byteLength) off += (await fh.write(buf, off, buf.byteLength - off)).bytesWritten;
-      }
-    } finally {
-      await fh.close();
-    }
-    return { path: rel, size, sha256: h.digest("hex") };
+    return { path: rel, ...(await writeStagedFile(resolveUnder(this.dir, ...rel.split("/")), data, { sync: false })) };
   }
 
   async commit(opts: { meta?: Record<string, string> } = {}): Promise<Manifest> {

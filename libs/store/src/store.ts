@@ -8,9 +8,9 @@
 import { createReadStream } from "node:fs";
 import { mkdir, open, readdir, rename, rm, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import type { Readable } from "node:stream";
-import { AlreadyExists, FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
+import { AlreadyExists, FailedPrecondition, fsyncDir, fsyncFile, InvalidArgument, NotFound, pathExists } from "@qlora/core";
 import { ARTIFACT_KINDS, isValidName, resolveUnder, validateKind, validateName, validateRelativePath, type ArtifactKind } from "./names.js";
 import {
   buildManifest,
@@ -96,28 +96,39 @@ export interface ArtifactStore {
 const STAGING = ".staging";
 const TRASH = ".trash";
 
-async function exists(p: string): Promise<boolean> {
+/**
+ * Writes one file of an artifact being staged (creating its directories) and returns its size and
+ * sha256, hashed while writing. Sequential writes keep memory at one chunk and apply back-pressure to
+ * the source. `sync`: fsync before returning (the local store publishes the staged files themselves;
+ * the S3 store only uploads them).
+ */
+export async function writeStagedFile(
+  abs: string,
+  data: FileData,
+  opts: { sync: boolean },
+): Promise<{ size: number; sha256: string }> {
+  await mkdir(dirname(abs), { recursive: true });
+  const h = createHash("sha256");
+  let size = 0;
+  const fh = await open(abs, "w");
   try {
-    await stat(p);
-    return true;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === "ENOENT") return false;
-    throw e;
+    const chunks: AsyncIterable<Uint8Array | string> | Iterable<Uint8Array | string> =
+      typeof data === "string" || data instanceof Uint8Array ? [data] : (data as AsyncIterable<Uint8Array | string>);
+    for await (const chunk of chunks) {
+      const buf = typeof chunk === "string" ? Buffer.from(chunk) : chunk;
+      h.update(buf);
+      size += buf.byteLength;
+      let off = 0;
+      while (off < buf.byteLength) off += (await fh.write(buf, off, buf.byteLength - off)).bytesWritten;
+    }
+    if (opts.sync) await fh.sync();
+  } finally {
+    await fh.close();
   }
+  return { size, sha256: h.digest("hex") };
 }
 
-async function fsyncPath(p: string): Promise<void> {
-  let fh;
-  try {
-    fh = await open(p, "r");
-    await fh.sync();
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code !== "EINVAL" && code !== "EISDIR" && code !== "EPERM" && code !== "EBADF") throw e;
-  } finally {
-    await fh?.close();
-  }
-}
+
 
 /** Artifacts under `root/<kind>/<name>/`; staging under `root/.staging/`, deletions via `root/.trash/`. */
 export class LocalStore implements ArtifactStore {
@@ -228,7 +239,7 @@ export class LocalStore implements ArtifactStore {
       if ((e as NodeJS.ErrnoException).code === "ENOENT") throw new NotFound(`${kind.replace(/s$/, "")} ${JSON.stringify(name)} not found`);
       throw e;
     }
-    await fsyncPath(dirname(dir));
+    await fsyncDir(dirname(dir));
     await rm(trash, { recursive: true, force: true });
   }
 
@@ -252,7 +263,7 @@ export class LocalStore implements ArtifactStore {
     let removed = 0;
     for (const sub of [STAGING, TRASH]) {
       const d = join(this.root, sub);
-      if (!(await exists(d))) continue;
+      if (!(await pathExists(d))) continue;
       for (const e of await readdir(d)) {
         const p = join(d, e);
         const st = await stat(p);
@@ -286,25 +297,7 @@ class LocalWriter implements ArtifactWriter {
     this.requireOpen();
     const rel = validateRelativePath(path);
     if (rel === MANIFEST_FILE) throw new InvalidArgument(`${MANIFEST_FILE} is written by commit()`);
-    const abs = resolveUnder(this.dir, ...rel.split("/"));
-    await mkdir(dirname(abs), { recursive: true });
-    const fh = await open(abs, "w");
-    try {
-      if (typeof data === "string" || data instanceof Uint8Array) {
-        await fh.writeFile(data);
-      } else {
-        // Sequential writes keep memory at one chunk and apply back-pressure to the source.
-        for await (const chunk of data as AsyncIterable<Uint8Array | string>) {
-          const buf = typeof chunk === "string" ? Buffer.from(chunk) : chunk;
-          let off = 0;
-          while (off < buf.byteLength) off += (await fh.write(buf, off, buf.byteLength - off)).bytesWritten;
-        }
-      }
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    return { path: rel, size: (await stat(abs)).size, sha256: await sha256File(abs) };
+    return { path: rel, ...(await writeStagedFile(resolveUnder(this.dir, ...rel.split("/")), data, { sync: true })) };
   }
 
   async commit(opts: { meta?: Record<string, string> } = {}): Promise<Manifest> {
@@ -317,10 +310,10 @@ class LocalWriter implements ArtifactWriter {
     }
     const m = await buildManifest(this.dir, { ...meta, ...(opts.meta ?? {}) });
     // Durability: every file the tools wrote into the staging directory, then the directories.
-    for (const f of m.files) await fsyncPath(join(this.dir, ...f.path.split("/")));
+    for (const f of m.files) await fsyncFile(join(this.dir, ...f.path.split("/")));
     await writeManifest(this.dir, m);
-    await fsyncPath(this.dir);
-    const exists_ = await exists(this.target);
+    await fsyncDir(this.dir);
+    const exists_ = await pathExists(this.target);
     let aside: string | undefined;
     if (exists_) {
       if (!this.overwrite) throw new AlreadyExists(`${this.kind.replace(/s$/, "")} ${JSON.stringify(this.name)} already exists`);
@@ -339,7 +332,7 @@ class LocalWriter implements ArtifactWriter {
       throw e;
     }
     this.state = "committed";
-    await fsyncPath(dirname(this.target));
+    await fsyncDir(dirname(this.target));
     if (aside) await rm(aside, { recursive: true, force: true });
     return m;
   }

@@ -9,7 +9,7 @@
  */
 import { copyFile, mkdir, open, readFile, rm, stat } from "node:fs/promises";
 import { basename, dirname, join, resolve, sep } from "node:path";
-import { AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
+import { AlreadyExists, Cancelled, FailedPrecondition, fsyncDir, fsyncFile, InvalidArgument, NotFound, pathExists, renameDirIntoPlace, tempSibling } from "@qlora/core";
 import {
   bnb4bitPlan,
   bnb4bitTensors,
@@ -17,8 +17,6 @@ import {
   bnbWeightKeyOf,
   canonicalToModulePath,
   DEFAULT_MAX_SHARD_SIZE,
-  fsyncDir,
-  fsyncFile,
   HfCheckpoint,
   isFloatDtype,
   isSkippedModule,
@@ -28,12 +26,9 @@ import {
   numel,
   parseJson,
   parseQuantStateJson,
-  pathExists,
   pyJsonDumps,
   QUANT_STATE_SUFFIX,
-  renameDirIntoPlace,
   ShardedSafetensorsWriter,
-  tempSibling,
   TORCH_DTYPE,
   TOKENIZER_FILES,
   type ComputeDtype,

@@ -21,29 +21,6 @@ namespace qk {
 
 namespace {
 
-// Row-parallel driver: one task per contiguous block of rows (small calls stay on this thread).
-template <class F>
-void forRows(int64_t rows, int64_t dim, F&& f) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1));
-  if (rows <= grain) {
-    for (int64_t r = 0; r < rows; ++r) f(r);
-    return;
-  }
-  parallelFor(rows, grain, [&](int64_t b, int64_t e, int) {
-    for (int64_t r = b; r < e; ++r) f(r);
-  });
-}
-// Element-parallel driver: contiguous chunks of at least 32K elements.
-template <class F>
-void forChunks(int64_t n, F&& f) {
-  const int64_t grain = 32768;
-  if (n <= grain) {
-    f(0, n);
-    return;
-  }
-  parallelFor(n, grain, [&](int64_t b, int64_t e, int) { f(b, e); });
-}
-
 float* threadScratch(std::vector<float>& v, size_t n) {
   if (v.size() < n) v.resize(n);
   return v.data();
@@ -56,7 +33,7 @@ float* threadScratch(std::vector<float>& v, size_t n) {
 // =============================================================================================
 void rmsNormBackward(const float* dy, const float* x, const float* w, float* dx, int64_t rows, int64_t dim, float eps,
                      bool accumulate) {
-  forRows(rows, dim, [&](int64_t row) {
+  parallelRows(rows, dim, [&](int64_t row) {
     const float* xr = x + row * dim;
     const float* gr = dy + row * dim;
     float* out = dx + row * dim;
@@ -79,7 +56,7 @@ void rmsNormBackward(const float* dy, const float* x, const float* w, float* dx,
 // =============================================================================================
 void layerNormBackward(const float* dy, const float* x, const float* w, float* dx, int64_t rows, int64_t dim,
                        float eps, bool accumulate) {
-  forRows(rows, dim, [&](int64_t row) {
+  parallelRows(rows, dim, [&](int64_t row) {
     const float* xr = x + row * dim;
     const float* gr = dy + row * dim;
     float* out = dx + row * dim;
@@ -113,7 +90,7 @@ void ropeBackward(float* dx, int64_t T, int nHeads, int headDim, const int32_t* 
                   const float* sinT) {
   const int half = headDim / 2;
   const int64_t width = static_cast<int64_t>(nHeads) * headDim;
-  forRows(T, width, [&](int64_t t) {
+  parallelRows(T, width, [&](int64_t t) {
     const float* c = cosT + static_cast<int64_t>(pos[t]) * half;
     const float* s = sinT + static_cast<int64_t>(pos[t]) * half;
     for (int h = 0; h < nHeads; ++h) {
@@ -226,7 +203,7 @@ QK_AVX2 void reluBackwardAvx2(const float* x, const float* dy, float* dx, int64_
 }  // namespace
 
 void activationBackward(Activation act, const float* x, const float* dy, float* dx, int64_t n) {
-  forChunks(n, [&](int64_t b, int64_t e) {
+  parallelChunks(n, [&](int64_t b, int64_t e) {
 #if QK_X86
     if (act == Activation::Silu && simdLevel() >= SimdLevel::Avx2) return siluBackwardAvx2(x + b, dy + b, dx + b, e - b);
     if (act == Activation::Relu && simdLevel() >= SimdLevel::Avx2) return reluBackwardAvx2(x + b, dy + b, dx + b, e - b);
@@ -245,7 +222,7 @@ void activationBackward(Activation act, const float* x, const float* dy, float* 
 
 void gatedActivationBackward(Activation act, const float* gate, const float* up, const float* dy, float* dgate,
                              float* dup, int64_t n) {
-  forChunks(n, [&](int64_t b, int64_t e) {
+  parallelChunks(n, [&](int64_t b, int64_t e) {
 #if QK_X86
     if (act == Activation::Silu && simdLevel() >= SimdLevel::Avx2)
       return swigluBackwardAvx2(gate + b, up + b, dy + b, dgate + b, dup + b, e - b);
@@ -433,7 +410,7 @@ void attentionTrainBackward(const AttentionShape& s, int64_t B, int64_t T, const
 // =============================================================================================
 void softmaxCrossEntropy(float* logits, int64_t rows, int64_t V, const int32_t* labels, double* loss, float gradScale,
                          bool grad) {
-  forRows(rows, V, [&](int64_t r) {
+  parallelRows(rows, V, [&](int64_t r) {
     float* z = logits + r * V;
     const int32_t y = labels[r];
     const float zy = z[y];
@@ -541,7 +518,7 @@ void dropoutApply(const float* x, float* y, int64_t rows, int64_t cols, float p,
 #if QK_X86
   const bool simd = simdLevel() >= SimdLevel::Avx2;
 #endif
-  forRows(rows, cols, [&](int64_t r) {
+  parallelRows(rows, cols, [&](int64_t r) {
     const float* xr = x + r * cols;
     float* yr = y + r * cols;
     const uint64_t e0 = static_cast<uint64_t>(r * cols);

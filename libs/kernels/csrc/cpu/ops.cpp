@@ -358,27 +358,6 @@ QK_AVX512 void siluAvx512(const float* x, float* y, int64_t n) {
 }
 #endif  // QK_X86
 
-// Row-parallel driver: small calls (decode) stay on the caller's thread.
-template <class F>
-void forRows(int64_t rows, int64_t dim, F&& f) {
-  int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1));
-  if (rows <= grain) {
-    for (int64_t r = 0; r < rows; ++r) f(r);
-    return;
-  }
-  parallelFor(rows, grain, [&](int64_t b, int64_t e, int) {
-    for (int64_t r = b; r < e; ++r) f(r);
-  });
-}
-template <class F>
-void forChunks(int64_t n, F&& f) {
-  const int64_t grain = 32768;
-  if (n <= grain) {
-    f(0, n);
-    return;
-  }
-  parallelFor(n, grain, [&](int64_t b, int64_t e, int) { f(b, e); });
-}
 
 }  // namespace
 
@@ -425,7 +404,7 @@ void rmsNormRow(const float* x, const float* w, float* y, int64_t dim, float eps
 }
 
 void rmsNormForward(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) {
-  forRows(rows, dim, [&](int64_t r) { rmsNormRow(x + r * dim, w, y + r * dim, dim, eps); });
+  parallelRows(rows, dim, [&](int64_t r) { rmsNormRow(x + r * dim, w, y + r * dim, dim, eps); });
 }
 
 void layerNormRow(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
@@ -443,7 +422,7 @@ void layerNormRow(const float* x, const float* w, const float* b, float* y, int6
 
 void layerNormForward(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
                       float eps) {
-  forRows(rows, dim, [&](int64_t r) { layerNormRow(x + r * dim, w, b, y + r * dim, dim, eps); });
+  parallelRows(rows, dim, [&](int64_t r) { layerNormRow(x + r * dim, w, b, y + r * dim, dim, eps); });
 }
 
 // ---- RoPE ---------------------------------------------------------------------------------
@@ -489,7 +468,7 @@ void ropeForward(float* x, int64_t T, int nHeads, int headDim, const int32_t* po
                  const float* sinT) {
   const int half = headDim / 2;
   const int64_t width = static_cast<int64_t>(nHeads) * headDim;
-  forRows(T, width, [&](int64_t t) {
+  parallelRows(T, width, [&](int64_t t) {
     const float* c = cosT + static_cast<int64_t>(pos[t]) * half;
     const float* s = sinT + static_cast<int64_t>(pos[t]) * half;
     for (int h = 0; h < nHeads; ++h) {
@@ -505,7 +484,7 @@ void ropeForward(float* x, int64_t T, int nHeads, int headDim, const int32_t* po
 
 // ---- activations ------------------------------------------------------------------------------
 void activationForward(Activation act, const float* x, float* y, int64_t n) {
-  forChunks(n, [&](int64_t b, int64_t e) {
+  parallelChunks(n, [&](int64_t b, int64_t e) {
 #if QK_X86
     if (act == Activation::Silu && useAvx512()) return siluAvx512(x + b, y + b, e - b);
     if (act == Activation::Silu && useAvx2()) return siluAvx2(x + b, y + b, e - b);
@@ -516,7 +495,7 @@ void activationForward(Activation act, const float* x, float* y, int64_t n) {
 }
 
 void gatedActivationForward(Activation act, const float* gate, const float* up, float* y, int64_t n) {
-  forChunks(n, [&](int64_t b, int64_t e) {
+  parallelChunks(n, [&](int64_t b, int64_t e) {
 #if QK_X86
     if (act == Activation::Silu && useAvx512()) return swigluAvx512(gate + b, up + b, y + b, e - b);
     if (act == Activation::Silu && useAvx2()) return swigluAvx2(gate + b, up + b, y + b, e - b);
@@ -534,7 +513,7 @@ void softmaxRow(float* x, int64_t n) {
 }
 
 void softmaxForward(float* x, int64_t rows, int64_t n) {
-  forRows(rows, n, [&](int64_t r) { softmaxRow(x + r * n, n); });
+  parallelRows(rows, n, [&](int64_t r) { softmaxRow(x + r * n, n); });
 }
 
 // ---- embedding ------------------------------------------------------------------------------
@@ -582,7 +561,7 @@ void tableRow(const TableView& t, int64_t row, float* out, bool accumulate) {
 }
 
 void embeddingForward(const TableView& t, const int32_t* ids, int64_t T, float* out, bool accumulate) {
-  forRows(T, t.cols, [&](int64_t i) { tableRow(t, ids[i], out + i * t.cols, accumulate); });
+  parallelRows(T, t.cols, [&](int64_t i) { tableRow(t, ids[i], out + i * t.cols, accumulate); });
 }
 
 }  // namespace qk

@@ -10,18 +10,14 @@
  */
 import { mkdir, readdir, readFile, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { FailedPrecondition, InvalidArgument } from "@qlora/core";
+import { FailedPrecondition, fsyncDir, InvalidArgument, renameDirIntoPlace, tempSibling, writeFileSynced } from "@qlora/core";
 import {
   f32Bytes,
   f32View,
-  fsyncDir,
   readJsonFile,
   readPeftAdapter,
   readSafetensorsBuffer,
-  renameDirIntoPlace,
   serializeSafetensors,
-  tempSibling,
-  writeFileSynced,
   writePeftAdapter,
   type LoraConfigInput,
   type ModelFamily,

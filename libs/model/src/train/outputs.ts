@@ -4,7 +4,8 @@
  */
 import { appendFile, mkdir, readdir, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { tempSibling, writePeftAdapter, type LoraConfigInput, type ModelFamily } from "@qlora/formats";
+import { tempSibling } from "@qlora/core";
+import { writePeftAdapter, type LoraConfigInput, type ModelFamily } from "@qlora/formats";
 import type { LogEntry } from "./checkpoint.js";
 import { lossChartPng } from "./png.js";
 

@@ -25,6 +25,17 @@ export async function fsyncDir(dir: string): Promise<void> {
   }
 }
 
+/** Writes a new file (fails if it exists) and fsyncs it. */
+export async function writeFileSynced(path: string, data: string | Uint8Array): Promise<void> {
+  const fh = await open(path, "wx");
+  try {
+    await fh.writeFile(data);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
 /** fsync one file by path. */
 export async function fsyncFile(path: string): Promise<void> {
   const fh = await open(path, "r");
