@@ -4,3 +4,4 @@ export * from "./engine.js";
 export * from "./tensor.js";
 export * from "./matmul.js";
 export * from "./train.js";
+export * from "./cuda.js";
