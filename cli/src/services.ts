@@ -16,6 +16,12 @@ export interface ServeContext {
   replicaId?: string | undefined;
   /** The configured job store (PostgreSQL); undefined: the trainer's embedded SQLite. */
   openJobStore?: () => Promise<JobStore | undefined>;
+  /** --decode-matmul: the inference service's decode-step NF4 matmul (undefined: exact). */
+  decodeMatmul?: "exact" | "int8" | undefined;
+  /** --embeddings: the inference service's token embeddings / lm_head (undefined: as stored). */
+  embeddings?: "stored" | "nf4" | undefined;
+  /** --max-adapter-rank / --max-adapter-bytes (undefined: the services' defaults). */
+  adapterLimits?: { maxRank?: number | undefined; maxBytes?: number | undefined };
 }
 
 export type ServiceFactory = (ctx: ServeContext) => ServiceRegistration | Promise<ServiceRegistration>;
@@ -23,12 +29,20 @@ export type ServiceFactory = (ctx: ServeContext) => ServiceRegistration | Promis
 export const SERVICES: Record<string, ServiceFactory | { unavailable: string }> = {
   // Imported on demand: service packages load native code that other commands do not need.
   quantizer: async ({ store }) => (await import("@qlora/quantizer")).quantizerService(store),
-  trainer: async ({ store, dataDir, replicaId, openJobStore }) => {
+  trainer: async ({ store, dataDir, replicaId, openJobStore, adapterLimits }) => {
     const { trainerService } = await import("@qlora/trainer");
     const jobStore = await openJobStore?.();
-    return trainerService({ store, dataDir, ...(jobStore ? { jobStore } : {}), ...(replicaId ? { replicaId } : {}) });
+    const maxLoraRank = adapterLimits?.maxRank;
+    return trainerService({ store, dataDir, ...(jobStore ? { jobStore } : {}), ...(replicaId ? { replicaId } : {}), ...(maxLoraRank ? { maxLoraRank } : {}) });
   },
-  inference: async ({ store }) => (await import("@qlora/inference")).inferenceService({ store }),
+  inference: async ({ store, adapterLimits, decodeMatmul, embeddings }) =>
+    (await import("@qlora/inference")).inferenceService({
+      store,
+      ...(decodeMatmul ? { decodeMatmul } : {}),
+      ...(embeddings ? { embeddings } : {}),
+      ...(adapterLimits?.maxRank ? { maxAdapterRank: adapterLimits.maxRank } : {}),
+      ...(adapterLimits?.maxBytes ? { maxAdapterBytes: adapterLimits.maxBytes } : {}),
+    }),
 };
 
 export function availableServices(): string[] {

@@ -44,7 +44,16 @@ export interface EngineOptions {
   maxSequences?: number;
   /** Tokens per sequence (default min(maxPositions, 2048)). */
   maxContext?: number;
+  /**
+   * How NF4 linears of at most 8 rows (decode steps) multiply: "exact" (default; weights decoded to
+   * their exact fp32 values) or "int8" (activations quantized to int8 per weight block, integer block
+   * dot products: faster, ~1% relative error per output; `linearInt8`, docs/engine.md). Prefill and
+   * longer steps always run the exact kernel.
+   */
+  decodeMatmul?: DecodeMatmul;
 }
+
+export type DecodeMatmul = "exact" | "int8";
 
 export interface LoraModuleWeights {
   /** lora_A [rank, in], row-major */
@@ -110,6 +119,7 @@ export class NativeModel {
   readonly config: EngineConfig;
   readonly maxSequences: number;
   readonly maxContext: number;
+  readonly decodeMatmul: DecodeMatmul;
   #m: any;
 
   constructor(config: EngineConfig, weights: Record<string, WeightTensor>, options: EngineOptions = {}) {
@@ -123,6 +133,7 @@ export class NativeModel {
     const info = this.#m.info();
     this.maxSequences = info.maxSequences;
     this.maxContext = info.maxContext;
+    this.decodeMatmul = info.decodeMatmul;
   }
 
   /** @internal The native object (src/train.ts binds the LoRA training API to it). */

@@ -203,7 +203,7 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
                        });
   }
 
-  // new NativeModel(config, weights: Record<string, WeightTensor>, options?: {maxSequences, maxContext})
+  // new NativeModel(config, weights: Record<string, WeightTensor>, options?: {maxSequences, maxContext, decodeMatmul})
   explicit NativeModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModelWrap>(info) {
     guarded(info, [&]() -> Napi::Value {
       qk::engine::ModelConfig cfg = configOf(info[0]);
@@ -216,12 +216,20 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
         map.emplace(name, rawTensor(w.Get(name), name, &weightRefs_));
       }
       int maxSeq = 8, maxCtx = std::min(cfg.maxPositions, 2048);
+      qk::engine::DecodeMatmul decode = qk::engine::DecodeMatmul::Exact;
       if (info.Length() > 2 && info[2].IsObject()) {
         Napi::Object o = info[2].As<Napi::Object>();
         if (!o.Get("maxSequences").IsUndefined()) maxSeq = intOf(o, "maxSequences", "options");
         if (!o.Get("maxContext").IsUndefined()) maxCtx = intOf(o, "maxContext", "options");
+        Napi::Value dm = o.Get("decodeMatmul");
+        if (!dm.IsUndefined()) {
+          const std::string v = dm.IsString() ? dm.As<Napi::String>().Utf8Value() : "";
+          if (v == "int8") decode = qk::engine::DecodeMatmul::Int8;
+          else if (v != "exact") fail("INVALID_ARGUMENT", "options.decodeMatmul must be \"exact\" or \"int8\"");
+        }
       }
       model_ = std::make_unique<qk::engine::Model>(cfg, map, maxSeq, maxCtx);
+      model_->setDecodeMatmul(decode);
       return info.Env().Undefined();
     });
   }
@@ -378,6 +386,7 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
       o.Set("maxSequences", m.maxSequences());
       o.Set("maxContext", m.maxContext());
       o.Set("vocabSize", m.config().vocab);
+      o.Set("decodeMatmul", m.decodeMatmul() == qk::engine::DecodeMatmul::Int8 ? "int8" : "exact");
       return o;
     });
   }
