@@ -2,10 +2,12 @@
 // and GEMM GFLOP/s (M = 128) against the machine's FMA peak. Run by `npm run bench` (bench/run.mjs) or directly with node.
 // The weights rotate over enough copies to overflow the last-level cache ("stream"); "hot" repeats
 // one weight (L3-resident when it fits). Best of several runs: the machine is shared.
+// Each NF4 path runs twice: block scales as fp32 absmax, and double-quantized ("dq": 8-bit codes +
+// one fp32 per 256 blocks, resolved per row by the kernel; the loader's default).
 import { cpus } from "node:os";
 import { readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
-import { cpuInfo, gemm, linear, linearBackwardInput, linearInt8, quantizeNf4, setThreads, streamCopy } from "@qlora/kernels";
+import { cpuInfo, doubleQuantizeAbsmax, gemm, linear, linearBackwardInput, linearInt8, quantizeNf4, setThreads, streamCopy } from "@qlora/kernels";
 
 const reps = Number(process.env.BENCH_REPS ?? 7);
 const N = 2048;
@@ -62,7 +64,10 @@ for (let c = 0; c < COPIES; c++) {
   const q = quantizeNf4(src, "f32", N * K, 64);
   weights.push({ dtype: "nf4", shape: [N, K], data: q.packed, absmax: q.absmax, blocksize: 64 });
 }
+// the same packed codes with double-quantized scales
+const weightsDq = weights.map((w) => ({ dtype: "nf4", shape: w.shape, data: w.data, absmaxDq: doubleQuantizeAbsmax(w.absmax), blocksize: 64 }));
 const wBytes = weights[0].data.byteLength + weights[0].absmax.byteLength;
+const wBytesDq = weights[0].data.byteLength + weightsDq[0].absmaxDq.qabsmax.byteLength + weightsDq[0].absmaxDq.nestedAbsmax.byteLength;
 
 // copy bandwidth: 256 MiB buffers
 const cs = new Uint8Array(256 << 20).fill(1);
@@ -75,17 +80,20 @@ console.log("figures from wall time; in parentheses from CPU time / threads (wha
 console.log("");
 // exact: NF4 decoded to fp32 (linear); int8: int8 activations, integer block dots (linearInt8)
 const paths = { exact: linear, int8: (...a) => linearInt8(...a).y };
+console.log(`weight GB/s counts the bytes each form holds: ${(wBytes / 1e6).toFixed(2)} MB with fp32 scales, ${(wBytesDq / 1e6).toFixed(2)} MB with dq scales`);
+console.log("");
 console.log("| M | path | stream: ms | weight GB/s | vs copy | hot: ms | weight GB/s |");
 console.log("|---|---|---|---|---|---|---|");
 for (const M of [1, 2, 4, 8]) {
   const x = randn(M * K, 11 + M);
   const y = new Float32Array(M * N);
-  for (const [path, fn] of Object.entries(paths)) {
-    const ts = timeBest((j = 0) => fn(x, M, weights[j % COPIES], undefined, y), COPIES);
-    const th = timeBest(() => fn(x, M, weights[0], undefined, y), COPIES);
-    const gs = (k) => wBytes / ts[k] / 1e9;
+  for (const [path, fn] of Object.entries(paths)) for (const dq of [false, true]) {
+    const ws = dq ? weightsDq : weights, bytes = dq ? wBytesDq : wBytes;
+    const ts = timeBest((j = 0) => fn(x, M, ws[j % COPIES], undefined, y), COPIES);
+    const th = timeBest(() => fn(x, M, ws[0], undefined, y), COPIES);
+    const gs = (k) => bytes / ts[k] / 1e9;
     console.log(
-      `| ${M} | ${path} | ${pair((k) => ts[k] * 1e3)} | ${pair(gs)} | ${((gs("wall") / copy.wall) * 100).toFixed(0)}% (${((gs("cpu") / copy.cpu) * 100).toFixed(0)}%) | ${pair((k) => th[k] * 1e3)} | ${pair((k) => wBytes / th[k] / 1e9)} |`,
+      `| ${M} | ${path}${dq ? " dq" : ""} | ${pair((k) => ts[k] * 1e3)} | ${pair(gs)} | ${((gs("wall") / copy.wall) * 100).toFixed(0)}% (${((gs("cpu") / copy.cpu) * 100).toFixed(0)}%) | ${pair((k) => th[k] * 1e3)} | ${pair((k) => bytes / th[k] / 1e9)} |`,
     );
   }
 }
@@ -117,11 +125,14 @@ console.log("|---|---|---|---|---|");
   const q = quantizeNf4(B, "f32", Ng * Kg, 64);
   const w = { dtype: "nf4", shape: [Ng, Kg], data: q.packed, absmax: q.absmax, blocksize: 64 };
   row("linear nf4", `${M}x${Ng}x${Kg}`, timeBest(() => linear(A, M, w, undefined, C)));
+  const wdq = { dtype: "nf4", shape: [Ng, Kg], data: q.packed, absmaxDq: doubleQuantizeAbsmax(q.absmax), blocksize: 64 };
+  row("linear nf4 dq", `${M}x${Ng}x${Kg}`, timeBest(() => linear(A, M, wdq, undefined, C)));
   const wb = { dtype: "f32", shape: [Ng, Kg], data: new Uint8Array(B.buffer) };
   row("linear f32", `${M}x${Ng}x${Kg}`, timeBest(() => linear(A, M, wb, undefined, C)));
   const wh = { dtype: "bf16", shape: [Ng, Kg], data: new Uint8Array(new Uint16Array(Ng * Kg).map((_, i) => new Uint32Array(B.buffer)[i] >>> 16).buffer) };
   row("linear bf16", `${M}x${Ng}x${Kg}`, timeBest(() => linear(A, M, wh, undefined, C)));
   const dX = new Float32Array(M * Kg);
   row("linearBackwardInput nf4", `${M}x${Kg}x${Ng}`, timeBest(() => linearBackwardInput(C, M, w, dX)));
+  row("linearBackwardInput nf4 dq", `${M}x${Kg}x${Ng}`, timeBest(() => linearBackwardInput(C, M, wdq, dX)));
 }
 setThreads(0);

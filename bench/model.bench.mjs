@@ -26,7 +26,8 @@
 //      BENCH_EMBEDDINGS ("stored,nf4": which embeddings modes to run),
 //      BENCH_DECODE_INT8 (1; 0 skips the OPT-125m decode run with decodeMatmul "int8"),
 //      BENCH_DECODE_S (0.5: seconds per decode run), BENCH_PREFILL (512), BENCH_PROFILE (1; 0 skips
-//      replay and perf), BENCH_PERF (1; 0 skips perf only), QLORA_BENCH_DIR (cache, default bench/out/).
+//      replay and perf), BENCH_PERF (1; 0 skips perf only), QLORA_BENCH_DIR (cache, default bench/out/),
+//      BENCH_DOUBLE_QUANT (1: NF4 block scales kept double-quantized, loadModel's default; 0: fp32 absmax).
 import { spawnSync } from "node:child_process";
 import { readFileSync, readlinkSync, statSync } from "node:fs";
 import { loadavg } from "node:os";
@@ -60,13 +61,17 @@ function randomIds(n, vocab, seed) {
   return ids;
 }
 
-/** Weight bytes one decode step reads: every decoder linear (NF4 packed + absmax) + lm_head as stored. */
+const DOUBLE_QUANT = (process.env.BENCH_DOUBLE_QUANT ?? "1") !== "0";
+/** Bytes of the scales of `blocks` NF4 blocks: 8-bit codes + one fp32 per 256 blocks, or fp32 each. */
+const scaleBytes = (blocks) => (DOUBLE_QUANT ? blocks + 4 * Math.ceil(blocks / 256) : 4 * blocks);
+
+/** Weight bytes one decode step reads: every decoder linear (NF4 packed + scales) + lm_head as stored. */
 function stepWeightBytes(cfg, blocksize = 64, headBytesPerElem = 2) {
   let nf4 = 0;
   const exp = expectedWeights(cfg);
   for (const name of linearWeightNames(cfg)) {
     const n = exp.get(name).shape.reduce((a, b) => a * b, 1);
-    nf4 += Math.ceil(n / 2) + 4 * Math.ceil(n / blocksize);
+    nf4 += Math.ceil(n / 2) + scaleBytes(Math.ceil(n / blocksize));
   }
   const head = cfg.vocabSize * cfg.hiddenSize * headBytesPerElem;
   return { nf4, head, total: nf4 + head };
@@ -92,7 +97,7 @@ async function benchChild(opts) {
   const { dir, threadList, decodeS, repeats, prefillLen, prefillRepeats, ctxTokens } = opts;
   const c0 = process.cpuUsage();
   const t0 = now();
-  const model = await loadModel(dir, { quant: "nf4", embeddings: opts.embeddings ?? "stored", decodeMatmul: opts.decodeMatmul ?? "exact", maxSequences: 8 });
+  const model = await loadModel(dir, { quant: "nf4", embeddings: opts.embeddings ?? "stored", decodeMatmul: opts.decodeMatmul ?? "exact", maxSequences: 8, doubleQuant: DOUBLE_QUANT });
   const loadMs = now() - t0;
   const lc = process.cpuUsage(c0);
   const loadThreads = cpuInfo().threads;
@@ -239,7 +244,7 @@ async function replayChild({ dir }) {
   const { HfCheckpoint } = await import("@qlora/formats");
   const { loadModel } = await import("@qlora/model");
   const { quantizeNf4 } = await import("@qlora/kernels");
-  const model = await loadModel(dir, { quant: "nf4", maxSequences: 2 });
+  const model = await loadModel(dir, { quant: "nf4", maxSequences: 2, doubleQuant: DOUBLE_QUANT });
   const cfg = model.engineConfig;
   if (cfg.arch !== "opt") throw new Error("the replay follows OPT's decoder layer");
   const H = cfg.hiddenSize, I = cfg.intermediateSize, V = cfg.vocabSize, L = cfg.numLayers;
@@ -385,7 +390,7 @@ async function replayChild({ dir }) {
 // the process perf attaches to, so loading is not in the profile.
 async function decodeLoopChild({ dir, seconds, rows: nrows }) {
   const { loadModel } = await import("@qlora/model");
-  const model = await loadModel(dir, { quant: "nf4", maxSequences: 8 });
+  const model = await loadModel(dir, { quant: "nf4", maxSequences: 8, doubleQuant: DOUBLE_QUANT });
   const nm = model.native;
   const V = model.vocabSize;
   const rng = seedRng(3n);
@@ -580,7 +585,7 @@ async function main() {
     };
     const cached = fileCached(join(ck[p].dir, "model.safetensors"));
     const load = Math.max(...threadList);
-    if (embeddingModes.includes("nf4")) nf4Emb[p] = { ...runChild("--child", { ...args, embeddings: "nf4" }, load), bytes: stepWeightBytes(parseModelConfig(PRESETS[p]), 64, 0.5 + 4 / 64) };
+    if (embeddingModes.includes("nf4")) nf4Emb[p] = { ...runChild("--child", { ...args, embeddings: "nf4" }, load), bytes: stepWeightBytes(parseModelConfig(PRESETS[p]), 64, 0.5 + scaleBytes(1024) / 1024 / 64) };
     if (!embeddingModes.includes("stored")) continue;
     const r = runChild("--child", args, load);
     perModel[p] = { ...r, cached, bytes: stepWeightBytes(parseModelConfig(PRESETS[p])) };
@@ -590,7 +595,7 @@ async function main() {
   }
   const load1 = loadavg();
 
-  console.log(`simd ${results[0]?.simd ?? "?"}; NF4 blocksize 64 (quantized on load), embeddings / tied lm_head BF16 as stored; one child process per model`);
+  console.log(`simd ${results[0]?.simd ?? "?"}; NF4 blocksize 64 (quantized on load), block scales ${DOUBLE_QUANT ? "double-quantized (8-bit + fp32 per 256 blocks)" : "fp32 (BENCH_DOUBLE_QUANT=0)"}, embeddings / tied lm_head BF16 as stored; one child process per model`);
   console.log(`decode: after a 16-token prompt, greedy, best of ${repeats} runs of >= ${decodeS} s; prefill: ${prefillLen} random ids in one forward, TTFT = that forward + sampling (no tokenization)`);
   console.log(`Llama-3.2-1B: one decode run (>= 3 steps) and one prefill per thread count; its first prefill is cold (scratch growth, first-touch KV pages)`);
   console.log(`figures from wall time; in parentheses from CPU time / threads (other processes steal time slices on this shared machine; see docs/benchmarks-method.md)`);

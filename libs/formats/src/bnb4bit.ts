@@ -198,12 +198,21 @@ export interface TensorSource {
   read(name: string): Promise<Uint8Array>;
 }
 
+export interface ReadBnb4bitOptions {
+  /**
+   * A double-quantized weight: "resolve" (default) hands back float32 `absmax` (resolved with the
+   * stored nested_quant_map, as bitsandbytes does); "keep" hands back `absmaxDq` — the U8 codes,
+   * nested_absmax, nested_quant_map and offset exactly as stored, which the kernels decode as they
+   * go (1 byte per block instead of 4). A weight stored without double quant always has `absmax`.
+   */
+  doubleQuant?: "resolve" | "keep";
+}
+
 /**
- * Reads one quantized weight back into a WeightTensor: nf4 packed codes + float32 absmax per block
- * (double quantization resolved with the stored nested_quant_map, as bitsandbytes does). Checks every
- * dtype and shape against the quant state.
+ * Reads one quantized weight back into a WeightTensor: nf4 packed codes + the block scales (see
+ * ReadBnb4bitOptions). Checks every dtype and shape against the quant state.
  */
-export async function readBnb4bitWeight(weightKey: string, src: TensorSource): Promise<WeightTensor> {
+export async function readBnb4bitWeight(weightKey: string, src: TensorSource, options: ReadBnb4bitOptions = {}): Promise<WeightTensor> {
   const need = (suffix: string, dtype: SafetensorsDtype): TensorInfo => {
     const name = suffix ? `${weightKey}.${suffix}` : weightKey;
     const t = src.info(name);
@@ -229,6 +238,9 @@ export async function readBnb4bitWeight(weightKey: string, src: TensorSource): P
   for (let i = 0; i < 16; i++) {
     if (quantMap[i] !== NF4_CODE[i]) throw new FailedPrecondition(`${weightKey}.quant_map is not the NF4 table (entry ${i} = ${quantMap[i]})`);
   }
+  const keep = (options.doubleQuant ?? "resolve") === "keep";
+  const packedWeight = (scales: Pick<WeightTensor, "absmax" | "absmaxDq">): Promise<WeightTensor> =>
+    src.read(weightKey).then((data) => ({ dtype: "nf4", shape: qs.shape, data, ...scales, blocksize: qs.blocksize }));
   let absmax: Float32Array;
   if (qs.nestedOffset !== undefined) {
     const a = need("absmax", "U8");
@@ -238,20 +250,18 @@ export async function readBnb4bitWeight(weightKey: string, src: TensorSource): P
     if (na.byteLength !== Math.ceil(b / nb) * 4) throw new InvalidArgument(`${weightKey}.nested_absmax: expected ${Math.ceil(b / nb)} values`);
     const nq = need("nested_quant_map", "F32");
     if (nq.byteLength !== 256 * 4) throw new InvalidArgument(`${weightKey}.nested_quant_map: expected 256 values`);
-    absmax = dequantizeAbsmax(
-      new Uint8Array(await src.read(`${weightKey}.absmax`)),
-      f32View(await src.read(`${weightKey}.nested_absmax`)),
-      Math.fround(qs.nestedOffset),
-      f32View(await src.read(`${weightKey}.nested_quant_map`)),
-      nb,
-    );
+    const qabsmax = new Uint8Array(await src.read(`${weightKey}.absmax`));
+    const nestedAbsmax = f32View(await src.read(`${weightKey}.nested_absmax`));
+    const offset = Math.fround(qs.nestedOffset);
+    const quantMap = f32View(await src.read(`${weightKey}.nested_quant_map`));
+    if (keep) return packedWeight({ absmaxDq: { qabsmax, nestedAbsmax, offset, quantMap, nestedBlocksize: nb } });
+    absmax = dequantizeAbsmax(qabsmax, nestedAbsmax, offset, quantMap, nb);
   } else {
     const a = need("absmax", "F32");
     if (a.byteLength !== b * 4) throw new InvalidArgument(`${weightKey}.absmax: ${a.byteLength / 4} values, expected ${b}`);
     absmax = f32View(await src.read(`${weightKey}.absmax`));
   }
-  const packed = await src.read(weightKey);
-  return { dtype: "nf4", shape: qs.shape, data: packed, absmax, blocksize: qs.blocksize };
+  return packedWeight({ absmax });
 }
 
 export type ComputeDtype = TorchFloatDtype;

@@ -8,7 +8,7 @@ import { InvalidArgument, NotFound, pathExists } from "@qlora/core";
 import type { WeightTensor } from "./weight.js";
 import { parseModelConfig, type ModelConfig } from "./config.js";
 import { isFloatDtype, KERNEL_DTYPE, type FloatDtype } from "./dtype.js";
-import { bnbWeightKeyOf, QUANT_STATE_SUFFIX, readBnb4bitWeight } from "./bnb4bit.js";
+import { bnbWeightKeyOf, QUANT_STATE_SUFFIX, readBnb4bitWeight, type ReadBnb4bitOptions } from "./bnb4bit.js";
 import { canonicalToHf, detectKeyPrefix, expectedWeights, hfToCanonical, linearWeightNames, type KeyPrefix } from "./names.js";
 import { SafetensorsSet, type ShardedTensor } from "./sharded.js";
 import { JsonSyntaxError, parseJson } from "./pyjson.js";
@@ -108,12 +108,13 @@ export class HfCheckpoint {
 
   /**
    * One weight as a WeightTensor by canonical name: dense f32/f16/bf16 as stored, or nf4 with the
-   * absmax resolved to float32. A tied `lm_head` that is absent is NotFound (use embed_tokens).
+   * absmax resolved to float32 (`doubleQuant: "keep"`: left double-quantized as stored, see
+   * ReadBnb4bitOptions). A tied `lm_head` that is absent is NotFound (use embed_tokens).
    */
-  async readWeight(canonical: string): Promise<WeightTensor> {
+  async readWeight(canonical: string, options: ReadBnb4bitOptions = {}): Promise<WeightTensor> {
     const key = this.hfName(canonical);
     if (this.isQuantized(canonical)) {
-      return readBnb4bitWeight(key, { info: (n) => this.weights.tensors.get(n), read: (n) => this.weights.read(n) });
+      return readBnb4bitWeight(key, { info: (n) => this.weights.tensors.get(n), read: (n) => this.weights.read(n) }, options);
     }
     const t = this.weights.tensors.get(key);
     if (!t) throw new NotFound(`${this.dir}: no tensor ${key} (canonical ${canonical})`);

@@ -8,5 +8,7 @@ export interface WeightTensor {
   shape: number[];
   data: Uint8Array;
   absmax?: Float32Array;
+  /** nf4 double-quantized scales instead of `absmax` (see @qlora/kernels tensor.ts). */
+  absmaxDq?: { qabsmax: Uint8Array; nestedAbsmax: Float32Array; offset: number; quantMap: Float32Array; nestedBlocksize?: number };
   blocksize?: number;
 }

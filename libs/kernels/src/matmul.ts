@@ -36,10 +36,7 @@ function weightDims(w: WeightTensor): [number, number] {
     case "nf4": {
       const bs = w.blocksize ?? 64;
       checkNf4Blocksize(bs);
-      if (!(w.absmax instanceof Float32Array)) throw new InvalidArgument("an nf4 weight needs absmax (Float32Array)");
-      if (w.absmax.length < Math.ceil(n / bs)) {
-        throw new InvalidArgument(`nf4 absmax has ${w.absmax.length} values, [${N}, ${K}] needs ${Math.ceil(n / bs)}`);
-      }
+      checkNf4Scales(w, Math.ceil(n / bs), `[${N}, ${K}]`);
       need = Math.ceil(n / 2);
       break;
     }
@@ -52,6 +49,30 @@ function weightDims(w: WeightTensor): [number, number] {
   return [N, K];
 }
 
+/**
+ * Validates the block scales of an nf4 weight: `absmax` (float32) or `absmaxDq` (double-quantized),
+ * at least `blocks` of them. Shared by the kernel wrappers (matmul, train, engine ops).
+ */
+export function checkNf4Scales(w: WeightTensor, blocks: number, what: string): void {
+  if (w.absmax !== undefined) {
+    if (!(w.absmax instanceof Float32Array)) throw new InvalidArgument(`nf4 weight ${what}: absmax must be a Float32Array`);
+    if (w.absmax.length < blocks) throw new InvalidArgument(`nf4 absmax has ${w.absmax.length} values, ${what} needs ${blocks}`);
+    return;
+  }
+  const dq = w.absmaxDq;
+  if (dq === undefined) throw new InvalidArgument(`an nf4 weight ${what} needs absmax (Float32Array) or absmaxDq`);
+  if (!(dq.qabsmax instanceof Uint8Array) || dq.qabsmax.length < blocks) {
+    throw new InvalidArgument(`nf4 absmaxDq.qabsmax must be a Uint8Array of >= ${blocks} codes for ${what}`);
+  }
+  const nbs = dq.nestedBlocksize ?? 256;
+  if (!Number.isInteger(nbs) || nbs < 1) throw new InvalidArgument(`absmaxDq.nestedBlocksize must be a positive integer, got ${nbs}`);
+  if (!(dq.nestedAbsmax instanceof Float32Array) || dq.nestedAbsmax.length < Math.ceil(dq.qabsmax.length / nbs)) {
+    throw new InvalidArgument(`absmaxDq.nestedAbsmax must be a Float32Array of >= ${Math.ceil(dq.qabsmax.length / nbs)}`);
+  }
+  if (!(dq.quantMap instanceof Float32Array) || dq.quantMap.length !== 256) throw new InvalidArgument("absmaxDq.quantMap must be a Float32Array of 256");
+  if (typeof dq.offset !== "number") throw new InvalidArgument("absmaxDq.offset must be a number");
+}
+
 function f32Buffer(a: Float32Array | undefined, len: number, what: string): Float32Array {
   if (a === undefined) return new Float32Array(len);
   if (!(a instanceof Float32Array) || a.length < len) throw new InvalidArgument(`${what} must be a Float32Array of >= ${len}`);
@@ -59,7 +80,8 @@ function f32Buffer(a: Float32Array | undefined, len: number, what: string): Floa
 }
 
 function weightArgs(w: WeightTensor, N: number, K: number): unknown[] {
-  return [w.dtype, w.data, w.absmax ?? null, w.dtype === "nf4" ? (w.blocksize ?? 64) : 0, N, K];
+  // nf4: the float32 absmax, or the double-quantized object (the binding takes either)
+  return [w.dtype, w.data, w.absmax ?? w.absmaxDq ?? null, w.dtype === "nf4" ? (w.blocksize ?? 64) : 0, N, K];
 }
 
 /** Validates the arguments of a forward linear; returns [N, K, the output buffer]. */

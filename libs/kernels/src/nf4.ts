@@ -142,6 +142,8 @@ export interface DoubleQuantized {
   offset: number;
   /** The 256-entry code the indices refer to (dynamicMap8bit()). */
   quantMap: Float32Array;
+  /** absmax values per nested scale (bitsandbytes: 256); absent means 256. */
+  nestedBlocksize?: number;
 }
 
 function checkNested(nestedBlocksize: number): void {
@@ -162,7 +164,7 @@ export function doubleQuantizeAbsmax(absmax: Float32Array, nestedBlocksize = 256
   const qabsmax = new Uint8Array(absmax.length);
   const nestedAbsmax = new Float32Array(Math.ceil(absmax.length / nestedBlocksize));
   const offset: number = native.nf4DoubleQuantize(absmax, nestedBlocksize, quantMap, qabsmax, nestedAbsmax);
-  return { qabsmax, nestedAbsmax, offset, quantMap };
+  return { qabsmax, nestedAbsmax, offset, quantMap, nestedBlocksize };
 }
 
 /** absmax[i] = quantMap[q[i]] * nestedAbsmax[i / nestedBlocksize] + offset, in float32 (no FMA). */

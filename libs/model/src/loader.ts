@@ -9,7 +9,12 @@
  *   `embeddings: "nf4"` (embed_tokens and an untied lm_head quantized the same way; OPT's
  *   position embeddings stay as stored).
  * - Pre-quantized checkpoints (bitsandbytes layout written by `qlora quantize`): NF4 straight from
- *   disk, double quantization resolved to float32 absmax by the formats reader.
+ *   disk; double-quantized scales stay as stored (U8 codes + nested fp32 + offset, `absmaxDq`).
+ * - Double quantization (`doubleQuant`, default true like bnb_4bit_use_double_quant): the block
+ *   scales of weights quantized while loading are double-quantized with doubleQuantizeAbsmax (what
+ *   the quantizer service writes), so quantize-on-load and `qlora quantize` + load give the engine
+ *   the same bytes; the kernels resolve scales per row / panel as they decode (bit-identical to the
+ *   resolved fp32 absmax). `doubleQuant: false` keeps fp32 absmax (resolving a double-quantized file).
  * - quant "none": full precision as stored. A pre-quantized checkpoint has no full precision to
  *   keep; its NF4 weights are dequantized to float32 (the exact values the NF4 path computes with),
  *   which makes it a reference for the packed kernels.
@@ -19,7 +24,9 @@ import { InvalidArgument, NotFound } from "@qlora/core";
 import { HfCheckpoint, KERNEL_DTYPE, expectedWeights, isFloatDtype, readJsonFile, type ModelConfig } from "@qlora/formats";
 import {
   NativeModel,
+  dequantizeAbsmax,
   dequantizeNf4,
+  doubleQuantizeAbsmax,
   quantizeNf4,
   checkNf4Blocksize,
   type DecodeMatmul,
@@ -44,6 +51,12 @@ export interface LoadModelOptions {
   /** NF4 block size when quantizing while loading (default 64, as bitsandbytes). */
   blocksize?: number;
   /**
+   * Keep NF4 block scales double-quantized in memory (default true, as bnb_4bit_use_double_quant):
+   * ~1.06 bytes per 64 weights instead of 4 (Llama-3.2-1B: 15 MiB of scales instead of 58).
+   * false: float32 absmax (a double-quantized checkpoint is resolved on load).
+   */
+  doubleQuant?: boolean;
+  /**
    * "stored" (default): embed_tokens and lm_head as in the file. "nf4": both quantized to NF4
    * (blocksize as above) while loading, so a tied lm_head GEMV reads 4-bit weights (Llama-3.2-1B:
    * 525 MB BF16 → 148 MB); costs some accuracy (docs/model.md).
@@ -65,7 +78,7 @@ export interface LoadStats {
   source: "quantized-on-load" | "prequantized" | "dense";
   /** Linear weights handed to the engine as NF4. */
   nf4Tensors: number;
-  /** Bytes of weights handed to the engine (packed NF4 + absmax, dense as stored). */
+  /** Bytes of weights handed to the engine (packed NF4 + scales, dense as stored). */
   weightBytes: number;
   loadMs: number;
 }
@@ -131,7 +144,16 @@ async function readOptionalJson(path: string): Promise<Record<string, unknown> |
 }
 
 function tensorBytes(t: EngineTensor): number {
-  return t.data.byteLength + (t.absmax?.byteLength ?? 0);
+  const dq = t.absmaxDq;
+  const scales = t.absmax?.byteLength ?? (dq ? dq.qabsmax.byteLength + dq.nestedAbsmax.byteLength : 0);
+  return t.data.byteLength + scales;
+}
+
+/** An nf4 tensor's scales as float32 (resolving a double-quantized form). */
+function resolvedAbsmax(t: EngineTensor): Float32Array {
+  if (t.absmax) return t.absmax;
+  const dq = t.absmaxDq!;
+  return dequantizeAbsmax(dq.qabsmax, dq.nestedAbsmax, dq.offset, dq.quantMap, dq.nestedBlocksize ?? 256);
 }
 
 /** Bytes of the read buffer that dense tensors stream through while being quantized. */
@@ -167,6 +189,61 @@ export async function readQuantized(ck: HfCheckpoint, name: string, chunk: Uint8
   return { dtype: "nf4", shape: info.shape.slice(), data: packed, absmax, blocksize };
 }
 
+/** The weights handed to the engine, by canonical name, and what they amount to. */
+export interface EngineWeightSet {
+  weights: EngineWeights;
+  nf4Tensors: number;
+  weightBytes: number;
+}
+
+/**
+ * Reads the engine's weights from an open checkpoint as loadModel does (exported for tests, which
+ * compare the weights two load paths produce). Options as LoadModelOptions, all required.
+ */
+export async function readEngineWeights(
+  ck: HfCheckpoint,
+  engineConfig: EngineConfig,
+  opts: { quant: QuantMode; embeddings: EmbeddingsMode; blocksize: number; doubleQuant: boolean },
+): Promise<EngineWeightSet> {
+  const { quant, embeddings, blocksize, doubleQuant } = opts;
+  const linear = new Set(ck.linearWeights());
+  // what is quantized while loading (when stored dense): the linears, and with embeddings "nf4"
+  // the token embedding and an untied lm_head (never OPT's position embeddings)
+  const toNf4 = (name: string) => (quant === "nf4" && linear.has(name)) || (embeddings === "nf4" && (name === "embed_tokens" || name === "lm_head"));
+  let chunk: Uint8Array | null = null; // allocated on first use, reused for every tensor
+  const weights: EngineWeights = {};
+  let nf4Tensors = 0;
+  let weightBytes = 0;
+  for (const [name, expected] of expectedWeights(ck.config)) {
+    // A tied lm_head is embed_tokens; a stored copy (OPT files carry one) is not read.
+    if (name === "lm_head" && engineConfig.tiedEmbeddings) continue;
+    if (!expected.required && !ck.has(name)) continue;
+    let t: EngineTensor;
+    if (toNf4(name) && !ck.isQuantized(name)) {
+      chunk ??= new Uint8Array(QUANTIZE_CHUNK_BYTES);
+      t = await readQuantized(ck, name, chunk, blocksize);
+      if (doubleQuant) {
+        // the quantizer service's own step (bnb4bit double quant): same codes, nested scales, offset
+        const { absmax, ...rest } = t;
+        t = { ...rest, absmaxDq: doubleQuantizeAbsmax(absmax!) };
+      }
+    } else {
+      // NF4 on disk: scales as stored when kept in NF4 with double quant, else resolved to float32
+      t = await ck.readWeight(name, { doubleQuant: quant === "nf4" && doubleQuant ? "keep" : "resolve" });
+    }
+    if (t.dtype === "nf4" && !toNf4(name) && quant === "none") {
+      // NF4 on disk (bitsandbytes) but full precision wanted
+      const n = t.shape.reduce((a, b) => a * b, 1);
+      const dense = dequantizeNf4(t.data, resolvedAbsmax(t), n, t.blocksize!);
+      t = { dtype: "f32", shape: t.shape, data: new Uint8Array(dense.buffer, dense.byteOffset, dense.byteLength) };
+    }
+    if (t.dtype === "nf4") nf4Tensors++;
+    weightBytes += tensorBytes(t);
+    weights[name] = t;
+  }
+  return { weights, nf4Tensors, weightBytes };
+}
+
 /** Load a Hugging Face checkpoint directory (see the file comment for the quant modes). */
 export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<LoadedModel> {
   const quant = options.quant ?? "nf4";
@@ -180,6 +257,8 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   }
   const blocksize = options.blocksize ?? 64;
   checkNf4Blocksize(blocksize);
+  const doubleQuant = options.doubleQuant ?? true;
+  if (typeof doubleQuant !== "boolean") throw new InvalidArgument(`doubleQuant must be a boolean, got ${JSON.stringify(doubleQuant)}`);
   const t0 = performance.now();
 
   const ck = await HfCheckpoint.open(dir);
@@ -198,37 +277,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   let stats: LoadStats;
   try {
     engineConfig = engineConfigFor(ck.config);
-    const linear = new Set(ck.linearWeights());
-    // what is quantized while loading (when stored dense): the linears, and with embeddings "nf4"
-    // the token embedding and an untied lm_head (never OPT's position embeddings)
-    const toNf4 = (name: string) => (quant === "nf4" && linear.has(name)) || (embeddings === "nf4" && (name === "embed_tokens" || name === "lm_head"));
-    let chunk: Uint8Array | null = null; // allocated on first use, reused for every tensor
-    const weights: EngineWeights = {};
-    let nf4Tensors = 0;
-    let weightBytes = 0;
-    for (const [name, expected] of expectedWeights(ck.config)) {
-      // A tied lm_head is embed_tokens; a stored copy (OPT files carry one) is not read.
-      if (name === "lm_head" && engineConfig.tiedEmbeddings) continue;
-      if (!expected.required && !ck.has(name)) continue;
-      let t: EngineTensor;
-      if (toNf4(name) && !ck.isQuantized(name)) {
-        chunk ??= new Uint8Array(QUANTIZE_CHUNK_BYTES);
-        t = await readQuantized(ck, name, chunk, blocksize);
-      } else {
-        t = await ck.readWeight(name);
-      }
-      if (t.dtype === "nf4" && !toNf4(name)) {
-        // NF4 on disk (bitsandbytes) but full precision wanted (quant "none")
-        if (quant === "none") {
-          const n = t.shape.reduce((a, b) => a * b, 1);
-          const dense = dequantizeNf4(t.data, t.absmax!, n, t.blocksize!);
-          t = { dtype: "f32", shape: t.shape, data: new Uint8Array(dense.buffer, dense.byteOffset, dense.byteLength) };
-        }
-      }
-      if (t.dtype === "nf4") nf4Tensors++;
-      weightBytes += tensorBytes(t);
-      weights[name] = t;
-    }
+    const { weights, nf4Tensors, weightBytes } = await readEngineWeights(ck, engineConfig, { quant, embeddings, blocksize, doubleQuant });
     const maxPos = ck.config.maxPositionEmbeddings;
     const maxContext = options.maxContext ?? Math.min(maxPos, 2048);
     if (!Number.isSafeInteger(maxContext) || maxContext < 2 || maxContext > maxPos) {

@@ -89,7 +89,7 @@ test("nf4: loss close to full precision, generation sane, memory smaller", { ski
   assert.equal(r.tokenIds.length, 24);
   // A 4-bit copy of a 260K model drifts eventually, but starts the same story.
   assert.deepEqual(r.tokenIds.slice(0, 8), ref.greedy.new_ids.slice(0, 8));
-  // Packed NF4 + float32 absmax: 4.5 bits per weight for the linears (the f32 embedding stays).
+  // Packed NF4 + double-quantized scales: ~4.13 bits per weight for the linears (the f32 embedding stays).
   assert.ok(nf4.stats.weightBytes < dense.stats.weightBytes * 0.3, `${nf4.stats.weightBytes} vs ${dense.stats.weightBytes}`);
   t.diagnostic(`weights: nf4 ${nf4.stats.weightBytes} B, f32 ${dense.stats.weightBytes} B; resident: ${nf4.residentBytes()} vs ${dense.residentBytes()}`);
   assert.ok(nf4.residentBytes() < dense.residentBytes());
@@ -186,13 +186,16 @@ test("pre-quantized checkpoints: NF4 from disk equals NF4 on load; quant none de
   await writeBnbCheckpoint(storiesDir, plain, false);
   await writeBnbCheckpoint(storiesDir, dq, true);
   const ids = ref.cross_entropy.ids;
-  const onLoad = lastLogits(nf4, ids);
+  const onLoad = lastLogits(nf4, ids); // quantized on load, scales double-quantized (the default)
+  const f32Scales = await loadModel(storiesDir, { maxSequences: 1, doubleQuant: false });
+  const onLoadF32 = lastLogits(f32Scales, ids);
+  f32Scales.dispose();
 
   const pre = await loadModel(plain, { maxSequences: 1 });
   try {
     assert.equal(pre.stats.source, "prequantized");
     assert.equal(pre.stats.nf4Tensors, 35);
-    assert.equal(maxAbsDiff(lastLogits(pre, ids), onLoad), 0, "same bytes, same logits");
+    assert.equal(maxAbsDiff(lastLogits(pre, ids), onLoadF32), 0, "same bytes, same logits");
   } finally {
     pre.dispose();
   }
@@ -200,20 +203,89 @@ test("pre-quantized checkpoints: NF4 from disk equals NF4 on load; quant none de
   try {
     assert.equal(preDense.stats.nf4Tensors, 0);
     // The same dequantized values through the dense kernels: equal up to summation order.
-    const d = maxAbsDiff(lastLogits(preDense, ids), onLoad);
+    const d = maxAbsDiff(lastLogits(preDense, ids), onLoadF32);
     assert.ok(d < 1e-3, `dense vs packed NF4 logits differ by ${d}`);
   } finally {
     preDense.dispose();
   }
   const preDq = await loadModel(dq, { maxSequences: 1 });
   try {
+    assert.equal(maxAbsDiff(lastLogits(preDq, ids), onLoad), 0, "double-quantized file = double quant on load");
+    assert.equal(preDq.stats.weightBytes, nf4.stats.weightBytes);
     const e = await evaluate(preDq, [ref.cross_entropy.text]);
-    const e0 = await evaluate(nf4, [ref.cross_entropy.text]);
+    const f = await loadModel(storiesDir, { maxSequences: 1, doubleQuant: false });
+    const e1 = await evaluate(f, [ref.cross_entropy.text]);
+    f.dispose();
     // Double quantization perturbs each block scale by < 1%.
-    assert.ok(Math.abs(e.loss - e0.loss) < 0.02, `${e.loss} vs ${e0.loss}`);
+    assert.ok(Math.abs(e.loss - e1.loss) < 0.02, `${e.loss} vs ${e1.loss}`);
   } finally {
     preDq.dispose();
   }
+  // The same file with its scales resolved to float32 on load: the kernels decode double-quantized
+  // scales bit-identically to the resolved ones, so the logits are equal.
+  const preDqF32 = await loadModel(dq, { maxSequences: 1, doubleQuant: false });
+  try {
+    assert.equal(maxAbsDiff(lastLogits(preDqF32, ids), onLoad), 0, "resolved scales = double-quantized scales");
+    assert.ok(preDqF32.stats.weightBytes > nf4.stats.weightBytes);
+  } finally {
+    preDqF32.dispose();
+  }
+  const preDqDense = await loadModel(dq, { quant: "none", maxSequences: 1 });
+  try {
+    const d = maxAbsDiff(lastLogits(preDqDense, ids), onLoad);
+    assert.ok(d < 1e-3, `dense (resolved double quant) vs packed NF4 logits differ by ${d}`);
+  } finally {
+    preDqDense.dispose();
+  }
+});
+
+test("double quant: quantize-on-load and `qlora quantize` + load hand the engine the same bytes", { skip: skipNoStories }, async () => {
+  const { HfCheckpoint } = await import("@qlora/formats");
+  const { engineConfigFor } = await import("../src/engine-config.js");
+  const { readEngineWeights } = await import("../src/loader.js");
+  const dq = join(tmp, "bnb-dq-bytes");
+  await writeBnbCheckpoint(storiesDir, dq, true); // quantizeNf4 + doubleQuantizeAbsmax + bnb4bitTensors, as the quantizer service
+  const read = async (dir: string, doubleQuant: boolean) => {
+    const ck = await HfCheckpoint.open(dir);
+    try {
+      return await readEngineWeights(ck, engineConfigFor(ck.config), { quant: "nf4", embeddings: "stored", blocksize: 64, doubleQuant });
+    } finally {
+      await ck.close();
+    }
+  };
+  const onLoad = await read(storiesDir, true);
+  const fromFile = await read(dq, true);
+  assert.deepEqual(Object.keys(fromFile.weights).sort(), Object.keys(onLoad.weights).sort());
+  let nf4 = 0;
+  for (const [name, a] of Object.entries(onLoad.weights)) {
+    const b = fromFile.weights[name]!;
+    assert.deepEqual([b.dtype, b.shape, b.blocksize], [a.dtype, a.shape, a.blocksize], name);
+    assert.deepEqual(Buffer.from(b.data), Buffer.from(a.data), `${name}: data`);
+    if (a.dtype !== "nf4") continue;
+    nf4++;
+    assert.equal(a.absmax, undefined, `${name}: no fp32 absmax on load`);
+    assert.equal(b.absmax, undefined, `${name}: no fp32 absmax from the file`);
+    const x = a.absmaxDq!, y = b.absmaxDq!;
+    assert.deepEqual(Buffer.from(y.qabsmax), Buffer.from(x.qabsmax), `${name}: 8-bit codes`);
+    assert.deepEqual(y.nestedAbsmax, x.nestedAbsmax, `${name}: nested absmax`);
+    assert.equal(y.offset, x.offset, `${name}: offset`);
+    assert.deepEqual(y.quantMap, x.quantMap, `${name}: code map`);
+    assert.equal(y.nestedBlocksize ?? 256, x.nestedBlocksize ?? 256);
+  }
+  assert.equal(nf4, 35);
+  assert.equal(fromFile.weightBytes, onLoad.weightBytes);
+  // doubleQuant false: float32 absmax, 3 bytes per block more
+  const f32 = await read(storiesDir, false);
+  let blocks = 0, nested = 0;
+  for (const t of Object.values(onLoad.weights)) {
+    if (t.absmaxDq) {
+      blocks += t.absmaxDq.qabsmax.length;
+      nested += t.absmaxDq.nestedAbsmax.length;
+    }
+  }
+  assert.equal(f32.weightBytes - onLoad.weightBytes, 4 * blocks - (blocks + 4 * nested));
+  for (const t of Object.values(f32.weights)) if (t.dtype === "nf4") assert.ok(t.absmax instanceof Float32Array && !t.absmaxDq);
+  await assert.rejects(loadModel(storiesDir, { doubleQuant: "yes" as unknown as boolean }), InvalidArgument);
 });
 
 test("bf16 checkpoints: kept as bf16 with quant none, quantized from bf16 with nf4", { skip: skipNoStories }, async (t) => {
@@ -249,9 +321,10 @@ test("embeddings nf4: stories260K loads, generates, and its loss stays close to 
     assert.equal(m.embeddings, "nf4");
     assert.equal(nf4.embeddings, "stored");
     assert.equal(m.stats.nf4Tensors, 5 * 7 + 1, "the linears and the tied embedding");
-    // the tied f32 embedding [512, 64] becomes 4 bits + one f32 absmax per 64 weights
-    const V = 512, H = 64;
-    const expectedSaving = V * H * 4 - (V * H) / 2 - ((V * H) / 64) * 4;
+    // the tied f32 embedding [512, 64] becomes 4 bits + double-quantized scales: one 8-bit code per
+    // 64 weights and one f32 per 256 blocks
+    const V = 512, H = 64, blocks = (V * H) / 64;
+    const expectedSaving = V * H * 4 - (V * H) / 2 - (blocks + 4 * Math.ceil(blocks / 256));
     assert.equal(nf4.stats.weightBytes - m.stats.weightBytes, expectedSaving);
     const fresh = await loadModel(storiesDir, { maxSequences: 2 }); // unused, like m: same scratch, no KV
     try {

@@ -28,9 +28,10 @@ using namespace nf4detail;
 
 namespace {
 
-// Per-thread scratch (pool workers and the caller each get their own).
+// Per-thread scratch (pool workers and the caller each get their own). Slots: 0 row / panel decode,
+// 1 packed A, 2 decode staging, 3 the caller's permuted x, 4 resolved NF4 block scales.
 float* scratch(int slot, size_t floats) {
-  thread_local std::vector<float> buf[4];
+  thread_local std::vector<float> buf[5];
   if (buf[slot].size() < floats) buf[slot].resize(floats + 64);
   return buf[slot].data();
 }
@@ -41,6 +42,10 @@ void checkWeight(const WeightView& w) {
   if (w.rows < 0 || w.cols < 0) throw std::invalid_argument("weight shape must be non-negative");
   if (w.type == WType::NF4 && !nf4ValidBlocksize(w.blocksize))
     throw std::invalid_argument("NF4 weight blocksize must be a power of two in 32..4096");
+  if (w.type == WType::NF4 && w.absmax == nullptr &&
+      (!w.absmaxDq.present() || w.absmaxDq.nestedAbsmax == nullptr || w.absmaxDq.quantMap == nullptr ||
+       w.absmaxDq.nestedBlocksize <= 0))
+    throw std::invalid_argument("NF4 weight needs absmax or a complete double-quantized absmax");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -56,7 +61,7 @@ void decodeScalar(const WeightView& w, int64_t start, int64_t len, float* out) {
     case WType::BF16:
       for (int64_t k = 0; k < len; ++k) out[k] = bf16ToFloat(loadU16(d + 2 * (start + k)));
       break;
-    case WType::NF4: nf4DequantizeRange(d, w.absmax, w.blocksize, start, len, out); break;
+    case WType::NF4: nf4DequantizeRangeScaled(d, w.absmax, w.absmaxDq, w.blocksize, start, len, out); break;
   }
 }
 
@@ -72,7 +77,7 @@ void decodeSimd(const WeightView& w, int64_t start, int64_t len, float* out) {
   const auto* d = static_cast<const uint8_t*>(w.data);
   if (w.type == WType::F16) return convertAvx2<FloatType::F16>(d, start, len, out);
   if (w.type == WType::BF16) return convertAvx2<FloatType::BF16>(d, start, len, out);
-  decodeScalar(w, start, len, out);  // f32: memcpy; NF4: nf4DequantizeRange dispatches by level itself
+  decodeScalar(w, start, len, out);  // f32: memcpy; NF4: nf4DequantizeRange(Scaled) dispatches by level itself
 }
 
 inline void decode(SimdLevel lvl, const WeightView& w, int64_t start, int64_t len, float* out) {
@@ -152,6 +157,38 @@ QK_AVX2 inline float hsum8(__m256 v) {
 template <int M>
 constexpr int accPerRow() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
 
+// Where the AVX2 NF4 row kernels get the scale of a row's block b (b counted from the row start).
+// Fp32Scales: the fp32 absmax (or scales resolved into a buffer). DqRowScales: resolved in the
+// kernel's per-block epilogue from the double-quantized form (dqBlockScale: the exact value
+// nf4DoubleQuantAbsmaxRange gives). Measured on the 2048x8192 bs-64 GEMV, single thread, CPU time
+// (bench/matmul.bench.mjs has the dq rows): resolving a whole row into a buffer first (AVX2 gather)
+// cost +12 % (exact M = 1) / +30 % (int8 M = 1); resolving 8 blocks at a time inside the kernel
+// (gather or scalar copies, then a vector mul + add, memory broadcasts) +27 % / +70 % (store
+// forwarding and gather latency on the critical path); this scalar mul + add + broadcast per block
+// +6 % / +15 %, less for M > 1 (three more ops per block on the vector pipes the decode saturates).
+struct Fp32Scales {
+  const float* am;
+  float operator[](int64_t b) const { return am[b]; }
+};
+struct DqRowScales {
+  const uint8_t* codes;   // the row's first block's code
+  const float* map;
+  const float* nested;
+  float offset;
+  int64_t first;          // stored block index of the row's first block
+  int shift;              // log2(nestedBlocksize)
+  float operator[](int64_t b) const { return dqBlockScale(map[codes[b]], nested[(first + b) >> shift], offset); }
+};
+// The in-kernel form needs a power-of-two nested blocksize (bitsandbytes: 256); others use a buffer.
+inline int nestedShift(const Nf4DoubleQuantAbsmax& dq) {
+  const int n = dq.nestedBlocksize;
+  return n > 0 && (n & (n - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(n)) : -1;
+}
+inline DqRowScales dqRowScales(const Nf4DoubleQuantAbsmax& dq, int64_t rowBlock0, int shift) {
+  const int64_t first = dq.firstBlock + rowBlock0;
+  return {dq.codes + first, dq.quantMap, dq.nestedAbsmax, dq.offset, first, shift};
+}
+
 // AVX2 NF4 GEMV (rows with K % blocksize == 0: each row starts on a block and a byte). 16 packed bytes (32 elements) are decoded without vpermps:
 //   idx   = [low nibbles of bytes 0..15 | high nibbles of bytes 0..15]       (ymm, 32 x 4-bit)
 //   P_b   = pshufb(byte plane b of the NF4 table, idx), b = 0..3             (byte b of each float)
@@ -206,8 +243,8 @@ QK_AVX2 inline Nf4Group decode32Planes(const uint8_t* p, __m256i t0, __m256i t1,
 // One NF4 row (K % blocksize == 0) against M rows of the permuted x.
 // M == 1: code values are accumulated per block (4 chains) and scaled by absmax once per block;
 // M > 1: each decoded vector is scaled (exactly the dequantized weights) and shared by the M rows.
-template <int M>
-QK_AVX2 void rowDotNf4PlanesAvx2(const uint8_t* p, const float* am, int64_t K, int bs, const float* xp, int64_t ldx,
+template <int M, class Scales>
+QK_AVX2 void rowDotNf4PlanesAvx2(const uint8_t* p, Scales am, int64_t K, int bs, const float* xp, int64_t ldx,
                                  float* res) {
   const Nf4BytePlanes& pl = nf4Planes();
   const __m256i t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pl.p[0]));
@@ -356,6 +393,7 @@ void forwardSmallM(SimdLevel lvl, const float* x, const WeightView& w, const flo
   const bool avx512 = lvl == SimdLevel::Avx512;
   // NF4 in-register path needs every row to start on a block boundary (hence on a byte)
   const bool nf4Aligned = w.type == WType::NF4 && K % w.blocksize == 0;
+  const int dqShift = w.type == WType::NF4 && w.absmax == nullptr ? nestedShift(w.absmaxDq) : -1;
   // AVX2: x permuted once into the order the byte-plane decoder produces (caller's scratch, read by all)
   const float* xp = nullptr;
   if (nf4Aligned && !avx512) {
@@ -371,12 +409,17 @@ void forwardSmallM(SimdLevel lvl, const float* x, const WeightView& w, const flo
         case WType::NF4:
           if (nf4Aligned) {
             const uint8_t* p = d + (n * K) / 2;
-            const float* am = w.absmax + (n * K) / w.blocksize;
-            if (avx512) rowDotNf4Avx512<M>(p, am, K, w.blocksize, x, K, res);
-            else rowDotNf4PlanesAvx2<M>(p, am, K, w.blocksize, xp, K, res);
+            const int64_t nb = K / w.blocksize;
+            if (!avx512 && w.absmax == nullptr && dqShift >= 0) {
+              rowDotNf4PlanesAvx2<M>(p, dqRowScales(w.absmaxDq, n * nb, dqShift), K, w.blocksize, xp, K, res);
+            } else {
+              const float* am = nf4BlockScales(w.absmax, w.absmaxDq, n * nb, nb, scratch(4, static_cast<size_t>(nb)));
+              if (avx512) rowDotNf4Avx512<M>(p, am, K, w.blocksize, x, K, res);
+              else rowDotNf4PlanesAvx2<M>(p, Fp32Scales{am}, K, w.blocksize, xp, K, res);
+            }
           } else {
             // odd K / K not a multiple of the blocksize: decode the row (any alignment), then a dense dot
-            nf4DequantizeRange(d, w.absmax, w.blocksize, n * K, K, row);
+            nf4DequantizeRangeScaled(d, w.absmax, w.absmaxDq, w.blocksize, n * K, K, row);
             const auto* rb = reinterpret_cast<const uint8_t*>(row);
             if (avx512) rowDotDenseAvx512<M, FloatType::F32>(rb, 0, K, x, K, res);
             else rowDotDenseAvx2<M, FloatType::F32>(rb, 0, K, x, K, res);
@@ -544,7 +587,7 @@ void forwardInt8Scalar(const Int8Activations& xa, const WeightView& w, const flo
   parallelFor(N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1, int) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* p = d + (n * K) / 2;
-      const float* am = w.absmax + n * nb;
+      const float* am = nf4BlockScales(w.absmax, w.absmaxDq, n * nb, nb, scratch(4, static_cast<size_t>(nb)));
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* qm = xa.q + m * K;
         float s = 0.0f;
@@ -573,8 +616,8 @@ void forwardInt8Scalar(const Int8Activations& xa, const WeightView& w, const flo
 // one step per block, no inner loop, blocks unrolled by 2 — with a runtime blocksize the loop and
 // epilogue bookkeeping is ~15 of ~32 instructions per block at M = 1; no speed-up was measurable
 // on the shared dev machine), 0: xa.bs.
-template <int M, int S, int BS>
-QK_AVX2 void rowDotNf4Int8Avx2(const uint8_t* p, const float* am, const Int8Activations& xa, float* res) {
+template <int M, int S, int BS, class Scales>
+QK_AVX2 void rowDotNf4Int8Avx2(const uint8_t* p, Scales am, const Int8Activations& xa, float* res) {
   const int64_t nb = xa.nb;
   const int bs = BS ? BS : xa.bs;
   const __m256i cb = _mm256_load_si256(reinterpret_cast<const __m256i*>(int8Codebook().c));
@@ -612,7 +655,7 @@ QK_AVX2 void rowDotNf4Int8Avx2(const uint8_t* p, const float* am, const Int8Acti
         }
       }
     }
-    const __m256 vam = _mm256_broadcast_ss(am + b);
+    const __m256 vam = _mm256_set1_ps(am[b]);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(iacc[m]), _mm256_broadcast_ss(xa.xf + m * nb + b));
@@ -624,17 +667,29 @@ QK_AVX2 void rowDotNf4Int8Avx2(const uint8_t* p, const float* am, const Int8Acti
   for (int m = 0; m < M; ++m) res[m] = hsum8(facc[m]);
 }
 
+template <int M, class Scales>
+constexpr auto int8RowKernel(const Int8Activations& xa) {
+  return xa.step == 32 ? rowDotNf4Int8Avx2<M, 32, 0, Scales>
+         : xa.bs == 64 ? rowDotNf4Int8Avx2<M, 64, 64, Scales>
+                       : rowDotNf4Int8Avx2<M, 64, 0, Scales>;
+}
+
 template <int M>
 void forwardInt8SmallM(const Int8Activations& xa, const WeightView& w, const float* bias, float* y, bool accumulate) {
-  auto rowDot = xa.step == 32 ? rowDotNf4Int8Avx2<M, 32, 0>
-                : xa.bs == 64  ? rowDotNf4Int8Avx2<M, 64, 64>
-                               : rowDotNf4Int8Avx2<M, 64, 0>;
+  auto rowDot = int8RowKernel<M, Fp32Scales>(xa);
+  auto rowDotDq = int8RowKernel<M, DqRowScales>(xa);
+  const int dqShift = w.absmax == nullptr ? nestedShift(w.absmaxDq) : -1;
   const int64_t N = w.rows, K = w.cols;
   const auto* d = static_cast<const uint8_t*>(w.data);
   parallelFor(N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1, int) {
     float res[M];
     for (int64_t n = n0; n < n1; ++n) {
-      rowDot(d + (n * K) / 2, w.absmax + n * xa.nb, xa, res);
+      if (dqShift >= 0) {
+        rowDotDq(d + (n * K) / 2, dqRowScales(w.absmaxDq, n * xa.nb, dqShift), xa, res);
+      } else {
+        const float* am = nf4BlockScales(w.absmax, w.absmaxDq, n * xa.nb, xa.nb, scratch(4, static_cast<size_t>(xa.nb)));
+        rowDot(d + (n * K) / 2, Fp32Scales{am}, xa, res);
+      }
       for (int m = 0; m < M; ++m) y[m * N + n] = finish(y[m * N + n], accumulate, res[m], bias, n);
     }
   });

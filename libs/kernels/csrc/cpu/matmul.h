@@ -13,6 +13,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/nf4.h"
+
 namespace qk {
 
 enum class WType { F32, F16, BF16, NF4 };
@@ -21,9 +23,14 @@ struct WeightView {             // a frozen weight W[rows=N (out), cols=K (in)],
   WType type;
   const void* data;             // f32/f16/bf16 elements (any alignment), or NF4 packed bytes
                                 // (flat index, high nibble = even element)
-  const float* absmax;          // NF4: one scale per `blocksize` elements of the flat index (double quant resolved)
+  const float* absmax;          // NF4: one fp32 scale per `blocksize` elements of the flat index, or null when
+                                // the scales are double-quantized (absmaxDq); CUDA entry points need this form
   int64_t rows, cols;
   int blocksize;                // NF4: a power of two in 32..4096
+  // NF4 scales kept double-quantized (used when absmax is null): every CPU kernel resolves the
+  // scales of the row / panel segment it decodes into a per-thread buffer, so results are
+  // bit-identical to passing the resolved fp32 absmax.
+  Nf4DoubleQuantAbsmax absmaxDq{};
 };
 
 // y[M,N] = x[M,K]·Wᵀ (+ bias[N]); accumulate → y += x·Wᵀ (+ bias). bias may be null.

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/nf4_common.h"
@@ -466,17 +467,79 @@ float nf4DoubleQuantize(const float* absmax, int64_t nb, int nestedBlocksize, co
   return offset;
 }
 
+namespace {
+
+// Resolving double-quantized scales: out[j] = map[codes[b]] * nested[b / nbs] + offset for the
+// blocks b = firstBlock + b0 + j. Walked nested block by nested block (one scale per segment, no
+// division per element: a 64-bit divide per block cost ~1400 cycles per 8192-wide row, more than the
+// int8 GEMV of the row itself). The multiply and the add round separately, as in torch
+// (dqBlockScale; the AVX2 variant has target("avx2") only — never "fma" — so its vector mul and
+// add cannot be contracted either).
+// The end (exclusive, relative to b0) of the nested block that block b0 + j lies in, capped at count.
+inline int64_t nestedSegmentEnd(const Nf4DoubleQuantAbsmax& dq, int64_t b0, int64_t j, int64_t count) {
+  const int64_t b = dq.firstBlock + b0 + j, nbs = dq.nestedBlocksize;
+  return std::min(count, j + (b / nbs + 1) * nbs - b);
+}
+
+void dqAbsmaxScalar(const Nf4DoubleQuantAbsmax& dq, int64_t b0, int64_t count, float* out) {
+  const uint8_t* codes = dq.codes + dq.firstBlock + b0;
+  for (int64_t j = 0; j < count;) {
+    const int64_t end = nestedSegmentEnd(dq, b0, j, count);
+    const float scale = dq.nestedAbsmax[(dq.firstBlock + b0 + j) / dq.nestedBlocksize];
+    for (; j < end; ++j) out[j] = dqBlockScale(dq.quantMap[codes[j]], scale, dq.offset);
+  }
+}
+
+// 8 codes at a time: widen to int32, gather from the 256-entry map, multiply, add. (No lambdas
+// here: a lambda body would not inherit the target attribute.)
+__attribute__((target("avx2"))) void dqAbsmaxAvx2(const Nf4DoubleQuantAbsmax& dq, int64_t b0, int64_t count,
+                                                   float* out) {
+  const uint8_t* codes = dq.codes + dq.firstBlock + b0;
+  const __m256 voff = _mm256_set1_ps(dq.offset);
+  for (int64_t j = 0; j < count;) {
+    const int64_t end = nestedSegmentEnd(dq, b0, j, count);
+    const float scale = dq.nestedAbsmax[(dq.firstBlock + b0 + j) / dq.nestedBlocksize];
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (; j + 8 <= end; j += 8) {
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j)));
+      const __m256 prod = _mm256_mul_ps(_mm256_i32gather_ps(dq.quantMap, idx, 4), vs);
+      _mm256_storeu_ps(out + j, _mm256_add_ps(prod, voff));
+    }
+    for (; j < end; ++j) out[j] = dqBlockScale(dq.quantMap[codes[j]], scale, dq.offset);
+  }
+}
+
+}  // namespace
+
+void nf4DoubleQuantAbsmaxRange(const Nf4DoubleQuantAbsmax& dq, int64_t b0, int64_t count, float* out) {
+  if (count <= 0) return;
+  if (simdLevel() == SimdLevel::Scalar) dqAbsmaxScalar(dq, b0, count, out);
+  else dqAbsmaxAvx2(dq, b0, count, out);  // AVX-512 CPUs: the AVX2 gather (8 scales per row of 64+ weights is plenty)
+}
+
 void nf4DequantizeAbsmax(const uint8_t* q, const float* nestedAbsmax, float offset, const float* quantMap, int64_t nb,
                          int nestedBlocksize, float* out) {
   if (nestedBlocksize <= 0) throw std::invalid_argument("nested blocksize must be positive");
-  const int64_t nbs = nestedBlocksize;
-  // Plain (non-FMA-targeted) code: the multiply and the add round separately, as in torch.
-  parallelFor(nb, 65536, [&](int64_t i0, int64_t i1, int) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float prod = quantMap[q[i]] * nestedAbsmax[i / nbs];
-      out[i] = prod + offset;
-    }
-  });
+  Nf4DoubleQuantAbsmax dq;
+  dq.codes = q;
+  dq.nestedAbsmax = nestedAbsmax;
+  dq.quantMap = quantMap;
+  dq.offset = offset;
+  dq.nestedBlocksize = nestedBlocksize;
+  parallelFor(nb, 65536, [&](int64_t i0, int64_t i1, int) { nf4DoubleQuantAbsmaxRange(dq, i0, i1 - i0, out + i0); });
+}
+
+void nf4DequantizeRangeScaled(const uint8_t* packed, const float* absmax, const Nf4DoubleQuantAbsmax& dq,
+                              int blocksize, int64_t start, int64_t len, float* out) {
+  if (len <= 0) return;
+  if (absmax != nullptr) return nf4DequantizeRange(packed, absmax, blocksize, start, len, out);
+  // Rebase on the first block the range touches (b0·blocksize is even: the packed bytes rebase too)
+  // so the resolved scales can live in a small buffer indexed from 0.
+  const int64_t b0 = start / blocksize, b1 = (start + len - 1) / blocksize + 1;
+  thread_local std::vector<float> scales;
+  if (static_cast<int64_t>(scales.size()) < b1 - b0) scales.resize(static_cast<size_t>(b1 - b0));
+  nf4DoubleQuantAbsmaxRange(dq, b0, b1 - b0, scales.data());
+  dequantFn()(packed + b0 * blocksize / 2, scales.data(), blocksize, start - b0 * blocksize, len, out);
 }
 
 void streamCopy(const void* src, void* dst, size_t bytes) {

@@ -54,6 +54,42 @@ float nf4DoubleQuantize(const float* absmax, int64_t nb, int nestedBlocksize, co
 void nf4DequantizeAbsmax(const uint8_t* q, const float* nestedAbsmax, float offset, const float* quantMap,
                          int64_t nb, int nestedBlocksize, float* out);
 
+// The block scales of an NF4 tensor kept double-quantized in memory (bitsandbytes
+// compress_statistics; 1 byte per block + 4 bytes per nestedBlocksize blocks instead of 4 bytes per
+// block). Block b of the tensor (or of a sub-view starting on a block) has the scale
+//   absmax[b] = quantMap[codes[firstBlock + b]] * nestedAbsmax[(firstBlock + b) / nestedBlocksize] + offset
+// exactly as nf4DequantizeAbsmax resolves it. `codes == nullptr` means "not double-quantized".
+struct Nf4DoubleQuantAbsmax {
+  const uint8_t* codes = nullptr;        // one 8-bit code per NF4 block (bnb's U8 `absmax`)
+  const float* nestedAbsmax = nullptr;   // one fp32 scale per nestedBlocksize blocks (`nested_absmax`)
+  const float* quantMap = nullptr;       // 256 sorted fp32 codes (`nested_quant_map`, dynamicMap8bit)
+  float offset = 0.0f;                   // quant state `nested_offset` (the fp32 mean of the absmax)
+  int nestedBlocksize = 256;             // quant state `nested_blocksize` (bitsandbytes: 256)
+  int64_t firstBlock = 0;                // sub-views (e.g. a row range of lm_head): blocks skipped
+  bool present() const { return codes != nullptr; }
+};
+
+// out[j] = the scale of block b0 + j, j < count (single-threaded; usable inside a parallelFor body).
+// The one decode loop of the double-quantized form: nf4DequantizeAbsmax runs it per thread chunk.
+void nf4DoubleQuantAbsmaxRange(const Nf4DoubleQuantAbsmax& dq, int64_t b0, int64_t count, float* out);
+
+// The scales of blocks [b0, b0 + count) in whichever form the tensor has them: `absmax + b0` when
+// the fp32 absmax is given, else the double-quantized form resolved into buf (>= count floats).
+// Kernels resolve only the blocks of the row / panel segment they are about to decode, so their
+// results are bit-identical to being handed the resolved fp32 absmax.
+inline const float* nf4BlockScales(const float* absmax, const Nf4DoubleQuantAbsmax& dq, int64_t b0, int64_t count,
+                                   float* buf) {
+  if (absmax != nullptr) return absmax + b0;
+  nf4DoubleQuantAbsmaxRange(dq, b0, count, buf);
+  return buf;
+}
+
+// nf4DequantizeRange for a tensor whose scales are in either form (absmax non-null: fp32, else dq):
+// the scales of the blocks the range touches are resolved into a per-thread buffer first.
+// Single-threaded; bit-identical to nf4DequantizeRange with the resolved absmax.
+void nf4DequantizeRangeScaled(const uint8_t* packed, const float* absmax, const Nf4DoubleQuantAbsmax& dq,
+                              int blocksize, int64_t start, int64_t len, float* out);
+
 // Threaded memcpy: the machine's copy bandwidth reference for the benchmarks.
 void streamCopy(const void* src, void* dst, size_t bytes);
 

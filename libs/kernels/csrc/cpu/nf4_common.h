@@ -49,6 +49,16 @@ inline int nearestCode(float s) {
 // taking 1/absmax, so an all-zero block scales to 0 -> code 7 (byte 0x77) and dequantizes to +0.
 inline float blockScale(float absmax) { return 1.0f / (absmax > 1e-38f ? absmax : 1e-38f); }
 
+// One double-quantized block scale, map[code] · nested + offset, with the multiply and the add
+// rounded separately (torch's order) even when inlined into FMA-targeted code: the empty asm makes
+// the product opaque, so the compiler cannot contract the two into an FMA. The one formula every
+// double-quant decode uses (nf4DoubleQuantAbsmaxRange, the GEMV kernels' per-block scales).
+inline float dqBlockScale(float mapValue, float nested, float offset) {
+  float prod = mapValue * nested;
+  __asm__("" : "+x"(prod));
+  return prod + offset;
+}
+
 inline float loadF32(const void* p) {
   float f;
   std::memcpy(&f, p, 4);

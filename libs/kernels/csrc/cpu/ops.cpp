@@ -548,12 +548,12 @@ void tableRow(const TableView& t, int64_t row, float* out, bool accumulate) {
     case TableType::NF4: {
       const uint8_t* q = static_cast<const uint8_t*>(t.data);
       if (!accumulate) {
-        nf4DequantizeRange(q, t.absmax, t.blocksize, row * cols, cols, out);
+        nf4DequantizeRangeScaled(q, t.absmax, t.absmaxDq, t.blocksize, row * cols, cols, out);
         return;
       }
       thread_local std::vector<float> tmp;
       if (static_cast<int64_t>(tmp.size()) < cols) tmp.resize(cols);
-      nf4DequantizeRange(q, t.absmax, t.blocksize, row * cols, cols, tmp.data());
+      nf4DequantizeRangeScaled(q, t.absmax, t.absmaxDq, t.blocksize, row * cols, cols, tmp.data());
       for (int64_t c = 0; c < cols; ++c) out[c] += tmp[c];
       return;
     }

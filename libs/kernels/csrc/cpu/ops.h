@@ -11,6 +11,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/nf4.h"
+
 namespace qk {
 
 // ---- small vector helpers (single thread) -------------------------------------------------
@@ -69,9 +71,10 @@ enum class TableType { F32 = 0, F16 = 1, BF16 = 2, NF4 = 3 };
 struct TableView {
   TableType type = TableType::F32;
   const void* data = nullptr;
-  const float* absmax = nullptr;  // NF4 only
+  const float* absmax = nullptr;  // NF4 only: fp32 scales, or null when absmaxDq holds them
   int64_t rows = 0, cols = 0;
   int blocksize = 64;             // NF4 only
+  Nf4DoubleQuantAbsmax absmaxDq{};  // NF4 only: double-quantized scales (nf4.h), used when absmax is null
 };
 // out[cols] (=|+=) table[row, :] dequantized to fp32.
 void tableRow(const TableView& t, int64_t row, float* out, bool accumulate);

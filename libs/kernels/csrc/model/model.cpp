@@ -106,7 +106,7 @@ Model::Model(const ModelConfig& cfg, const TensorMap& weights, int maxSequences,
 const float* Model::ownFloats(const RawTensor& t, const std::string& name, int64_t n) {
   if (numel(t.shape) != n) invalid("weight " + name + ": expected " + std::to_string(n) + " elements, got shape " + shapeStr(t.shape));
   auto v = std::make_unique<std::vector<float>>(static_cast<size_t>(n));
-  TableView tv{t.dtype, t.data, t.absmax, 1, n, t.blocksize};
+  TableView tv{t.dtype, t.data, t.absmax, 1, n, t.blocksize, t.absmaxDq};
   tableRow(tv, 0, v->data(), false);
   owned_.push_back(std::move(v));
   return owned_.back()->data();
@@ -120,6 +120,7 @@ WeightView Model::weightView(const RawTensor& t, const std::string& name, int64_
   w.type = static_cast<WType>(t.dtype);
   w.data = t.data;
   w.absmax = t.absmax;
+  w.absmaxDq = t.absmaxDq;
   w.rows = rows;
   w.cols = cols;
   w.blocksize = t.blocksize;
@@ -139,8 +140,13 @@ void Model::loadWeights(const TensorMap& weights) {
       invalid("weight " + name + ": " + std::to_string(t.bytes) + " bytes is too short for shape " + shapeStr(t.shape));
     if (t.dtype == TableType::NF4) {
       if (t.blocksize <= 0 || t.blocksize % 2) invalid("weight " + name + ": nf4 needs an even positive blocksize");
-      if (t.absmax == nullptr || t.absmaxCount < static_cast<size_t>((n + t.blocksize - 1) / t.blocksize))
+      const int64_t blocks = (n + t.blocksize - 1) / t.blocksize;
+      if ((t.absmax == nullptr && !t.absmaxDq.present()) || t.absmaxCount < static_cast<size_t>(blocks))
         invalid("weight " + name + ": nf4 absmax missing or too short");
+      if (t.absmax == nullptr &&
+          (t.absmaxDq.nestedAbsmax == nullptr || t.absmaxDq.quantMap == nullptr || t.absmaxDq.nestedBlocksize <= 0 ||
+           t.absmaxDqNested * t.absmaxDq.nestedBlocksize < static_cast<size_t>(blocks)))
+        invalid("weight " + name + ": nf4 double-quantized absmax incomplete");
     }
   }
   auto find = [&](const std::string& name) -> const RawTensor* {
@@ -160,7 +166,11 @@ void Model::loadWeights(const TensorMap& weights) {
     throw EngineError("NOT_FOUND", "weight " + a + " is missing");
   };
   auto countBytes = [&](const RawTensor& t) {
-    weightBytes_ += dtypeBytes(t.dtype, numel(t.shape)) + (t.dtype == TableType::NF4 ? t.absmaxCount * 4 : 0);
+    // NF4 scales: 4 bytes per block (fp32), or 1 byte per block + the nested fp32 scales when
+    // double-quantized (the 1 KiB code map is shared between tensors by the loader: not counted)
+    size_t scales = 0;
+    if (t.dtype == TableType::NF4) scales = t.absmax ? t.absmaxCount * 4 : t.absmaxCount + t.absmaxDqNested * 4;
+    weightBytes_ += dtypeBytes(t.dtype, numel(t.shape)) + scales;
   };
 
   // embed_tokens [V, H]
@@ -168,7 +178,7 @@ void Model::loadWeights(const TensorMap& weights) {
     auto [name, t] = needAny("embed_tokens", "embed_tokens.weight");
     if (t->shape.size() != 2 || t->shape[0] != c.vocab || t->shape[1] != c.hidden)
       invalid("weight " + name + ": expected shape [" + std::to_string(c.vocab) + "," + std::to_string(c.hidden) + "], got " + shapeStr(t->shape));
-    embed_ = TableView{t->dtype, t->data, t->absmax, c.vocab, c.hidden, t->blocksize};
+    embed_ = TableView{t->dtype, t->data, t->absmax, c.vocab, c.hidden, t->blocksize, t->absmaxDq};
     countBytes(*t);
     if (c.tied) lmHead_ = weightView(*t, name, c.vocab, c.hidden);
   }
@@ -177,7 +187,7 @@ void Model::loadWeights(const TensorMap& weights) {
     auto [name, t] = needAny("embed_positions", "embed_positions.weight");
     if (t->shape.size() != 2 || t->shape[1] != c.hidden || t->shape[0] < static_cast<int64_t>(maxCtx_) + 2)
       invalid("weight " + name + ": expected shape [>= maxContext+2," + std::to_string(c.hidden) + "], got " + shapeStr(t->shape));
-    positions_ = TableView{t->dtype, t->data, t->absmax, t->shape[0], c.hidden, t->blocksize};
+    positions_ = TableView{t->dtype, t->data, t->absmax, t->shape[0], c.hidden, t->blocksize, t->absmaxDq};
     countBytes(*t);
   }
   // lm_head [V, H]
@@ -646,7 +656,8 @@ WeightView Model::lmHeadRows(int64_t v0, int64_t v1) const {
     case WType::BF16: w.data = base + e0 * 2; break;
     default:
       w.data = base + e0 / 2;
-      w.absmax = lmHead_.absmax + e0 / w.blocksize;
+      if (w.absmax) w.absmax = lmHead_.absmax + e0 / w.blocksize;
+      else w.absmaxDq.firstBlock = lmHead_.absmaxDq.firstBlock + e0 / w.blocksize;
       break;
   }
   w.rows = v1 - v0;

@@ -48,8 +48,10 @@ struct RawTensor {
   std::vector<int64_t> shape;
   const void* data = nullptr;
   size_t bytes = 0;
-  const float* absmax = nullptr;  // nf4
-  size_t absmaxCount = 0;
+  const float* absmax = nullptr;  // nf4: fp32 scales, or null when absmaxDq holds them
+  size_t absmaxCount = 0;         // nf4: scales given (fp32 values, or 8-bit codes of absmaxDq)
+  Nf4DoubleQuantAbsmax absmaxDq;  // nf4: double-quantized scales (cpu/nf4.h), validated by the binding
+  size_t absmaxDqNested = 0;      // nf4 double-quantized: nested fp32 scales given
   int blocksize = 0;
 };
 using TensorMap = std::unordered_map<std::string, RawTensor>;

@@ -134,7 +134,18 @@ DeviceWeight weightOf(const Napi::Value& v) {
     Napi::Value bs = o.Get("blocksize");
     w.view.blocksize = isNull(bs) ? 64 : static_cast<int>(intArg(bs, "blocksize"));
     const size_t nb = static_cast<size_t>((n + w.view.blocksize - 1) / w.view.blocksize);
-    w.absmax = upF32(o.Get("absmax"), nb, "weight absmax");
+    Napi::Value dqv = o.Get("absmaxDq");
+    if (o.Get("absmax").IsUndefined() && !isNull(dqv)) {
+      // The device kernels read fp32 absmax: a double-quantized weight (src/tensor.ts absmaxDq)
+      // is resolved on the host (the CPU decode, bit-identical) and uploaded in that form.
+      qk::napi::DoubleQuantAbsmaxArg dq = qk::napi::doubleQuantAbsmaxOf(dqv, "weight absmaxDq");
+      if (dq.codes < nb) throw Napi::RangeError::New(env, "weight absmaxDq.qabsmax is too short");
+      std::vector<float> resolved(nb);
+      qk::nf4DoubleQuantAbsmaxRange(dq.dq, 0, static_cast<int64_t>(nb), resolved.data());
+      w.absmax = up(resolved.data(), nb);
+    } else {
+      w.absmax = upF32(o.Get("absmax"), nb, "weight absmax");
+    }
     w.view.absmax = w.absmax.as<float>();
   }
   return w;

@@ -14,6 +14,7 @@
 #include "cpu/ops.h"
 #include "cpu/sampling.h"
 #include "model/model.h"
+#include "napi/args.h"
 #include "napi/registry.h"
 
 namespace {
@@ -90,7 +91,7 @@ qk::TableType dtypeOf(const std::string& s, const std::string& what) {
   fail("INVALID_ARGUMENT", what + ": dtype must be f32, f16, bf16 or nf4");
 }
 
-// A WeightTensor {dtype, shape, data, absmax?, blocksize?} → RawTensor; `keep` receives the arrays
+// A WeightTensor {dtype, shape, data, absmax? | absmaxDq?, blocksize?} → RawTensor; `keep` receives the arrays
 // that must stay alive.
 qk::engine::RawTensor rawTensor(const Napi::Value& v, const std::string& name, std::vector<Napi::ObjectReference>* keep) {
   if (!v.IsObject()) fail("INVALID_ARGUMENT", "weight " + name + " must be a WeightTensor object");
@@ -115,10 +116,25 @@ qk::engine::RawTensor rawTensor(const Napi::Value& v, const std::string& name, s
   if (keep) keep->push_back(Napi::Persistent(data.As<Napi::Object>()));
   if (t.dtype == qk::TableType::NF4) {
     Napi::Value am = o.Get("absmax");
-    auto a = f32(am, "weight " + name + ".absmax");
-    t.absmax = a.data;
-    t.absmaxCount = a.length;
-    if (keep) keep->push_back(Napi::Persistent(am.As<Napi::Object>()));
+    Napi::Value dqv = o.Get("absmaxDq");
+    if (am.IsUndefined() && !dqv.IsUndefined()) {
+      qk::napi::DoubleQuantAbsmaxArg dq;
+      try {
+        dq = qk::napi::doubleQuantAbsmaxOf(dqv, "weight " + name + ".absmaxDq");
+      } catch (const std::invalid_argument& e) {
+        fail("INVALID_ARGUMENT", e.what());
+      }
+      t.absmaxDq = dq.dq;
+      t.absmaxCount = dq.codes;
+      t.absmaxDqNested = dq.nested;
+      if (keep)
+        for (const Napi::Object& a : dq.arrays) keep->push_back(Napi::Persistent(a));
+    } else {
+      auto a = f32(am, "weight " + name + ".absmax");
+      t.absmax = a.data;
+      t.absmaxCount = a.length;
+      if (keep) keep->push_back(Napi::Persistent(am.As<Napi::Object>()));
+    }
     Napi::Value bs = o.Get("blocksize");
     t.blocksize = bs.IsNumber() ? bs.As<Napi::Number>().Int32Value() : 64;
   }
@@ -607,7 +623,7 @@ Napi::Value engineOpEmbedding(const Napi::CallbackInfo& info) {
       fail("INVALID_ARGUMENT", "table absmax too short");
     for (size_t i = 0; i < ids.length; ++i)
       if (ids.data[i] < 0 || ids.data[i] >= rows) fail("INVALID_ARGUMENT", "id out of range");
-    qk::TableView tv{t.dtype, t.data, t.absmax, rows, cols, t.blocksize};
+    qk::TableView tv{t.dtype, t.data, t.absmax, rows, cols, t.blocksize, t.absmaxDq};
     auto out = Napi::Float32Array::New(info.Env(), ids.length * cols);
     qk::embeddingForward(tv, ids.data, static_cast<int64_t>(ids.length), out.Data(), false);
     return out;

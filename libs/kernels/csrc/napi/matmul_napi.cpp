@@ -20,7 +20,7 @@ float* f32Of(const Napi::Value& v, size_t minElems, const char* what, bool optio
   return qk::napi::typedOf<float>(v, napi_float32_array, minElems, what);
 }
 
-// (dtype, data, absmax, blocksize, rows, cols) starting at info[i] -> WeightView, bounds-checked.
+// (dtype, data, absmax | absmaxDq, blocksize, rows, cols) starting at info[i] -> WeightView, bounds-checked.
 qk::WeightView weightArgs(const Napi::CallbackInfo& info, size_t i) {
   Napi::Env env = info.Env();
   std::string dt = info[i].As<Napi::String>().Utf8Value();
@@ -36,7 +36,16 @@ qk::WeightView weightArgs(const Napi::CallbackInfo& info, size_t i) {
     w.blocksize = static_cast<int>(intArg(info[i + 3], "blocksize"));
     if (w.blocksize < 32 || w.blocksize > 4096 || (w.blocksize & (w.blocksize - 1)))
       throw Napi::TypeError::New(env, "NF4 blocksize must be a power of two in 32..4096");
-    w.absmax = f32Of(info[i + 2], (n + w.blocksize - 1) / w.blocksize, "absmax");
+    const uint64_t blocks = (n + w.blocksize - 1) / w.blocksize;
+    if (info[i + 2].IsTypedArray()) {
+      w.absmax = f32Of(info[i + 2], blocks, "absmax");
+    } else {
+      // the double-quantized form (src/tensor.ts absmaxDq)
+      qk::napi::DoubleQuantAbsmaxArg dq = qk::napi::doubleQuantAbsmaxOf(info[i + 2], "absmaxDq");
+      if (dq.codes < blocks) throw Napi::RangeError::New(env, "absmaxDq.qabsmax is too short for the weight");
+      w.absmax = nullptr;
+      w.absmaxDq = dq.dq;
+    }
     need = (n + 1) / 2;
   } else {
     if (dt == "f32") w.type = qk::WType::F32, need = 4 * n;

@@ -15,6 +15,7 @@
 #include "cpu/thread_pool.h"
 #include "model/model.h"
 #include "model/train.h"
+#include "napi/args.h"
 #include "napi/registry.h"
 
 namespace qk {
@@ -294,7 +295,7 @@ Napi::Value trainSetLoraState(const Napi::CallbackInfo& info) {
 // =================================================================================================
 // Kernels, exposed for tests (fresh output arrays)
 // =================================================================================================
-// A WeightTensor {dtype, shape [rows, cols], data, absmax?, blocksize?} → WeightView (validated)
+// A WeightTensor {dtype, shape [rows, cols], data, absmax? | absmaxDq?, blocksize?} → WeightView (validated)
 qk::WeightView weightOf(const Napi::Value& v) {
   Napi::Object o = obj(v, "weight");
   qk::WeightView w{};
@@ -321,9 +322,22 @@ qk::WeightView weightOf(const Napi::Value& v) {
     Napi::Value bs = o.Get("blocksize");
     w.blocksize = bs.IsNumber() ? bs.As<Napi::Number>().Int32Value() : 64;
     if (w.blocksize < 32 || w.blocksize > 4096 || (w.blocksize & (w.blocksize - 1))) bad("weight.blocksize must be a power of two in 32..4096");
-    auto am = f32(o.Get("absmax"), "weight.absmax");
-    if (am.length < static_cast<size_t>((n + w.blocksize - 1) / w.blocksize)) bad("weight.absmax is too short");
-    w.absmax = am.data;
+    const size_t blocks = static_cast<size_t>((n + w.blocksize - 1) / w.blocksize);
+    Napi::Value dqv = o.Get("absmaxDq");
+    if (!dqv.IsUndefined() && !dqv.IsNull() && o.Get("absmax").IsUndefined()) {
+      qk::napi::DoubleQuantAbsmaxArg dq;
+      try {
+        dq = qk::napi::doubleQuantAbsmaxOf(dqv, "weight.absmaxDq");
+      } catch (const std::invalid_argument& e) {
+        bad(e.what());
+      }
+      if (dq.codes < blocks) bad("weight.absmaxDq.qabsmax is too short");
+      w.absmaxDq = dq.dq;
+    } else {
+      auto am = f32(o.Get("absmax"), "weight.absmax");
+      if (am.length < blocks) bad("weight.absmax is too short");
+      w.absmax = am.data;
+    }
   }
   return w;
 }
