@@ -14,7 +14,7 @@
 import { join } from "node:path";
 import { InvalidArgument, NotFound } from "@qlora/core";
 import { HfCheckpoint, expectedWeights, readJsonFile, type ModelConfig } from "@qlora/formats";
-import { NativeModel, dequantizeNf4, quantizeNf4, checkNf4Blocksize, type EngineConfig } from "@qlora/kernels";
+import { NativeModel, dequantizeNf4, quantizeNf4, checkNf4Blocksize, resolveDevice, type Device, type DeviceRequest, type EngineConfig } from "@qlora/kernels";
 import { engineConfigFor } from "./engine-config.js";
 import { loadTokenizer, type ModelTokenizer } from "./tokenizer.js";
 import { samplingDefaults } from "./sampling.js";
@@ -34,6 +34,11 @@ export interface LoadModelOptions {
   maxSequences?: number;
   /** Tokens per sequence (prompt + generated); default min(max_position_embeddings, 2048). */
   maxContext?: number;
+  /**
+   * "cpu" (default), "cuda" (FailedPrecondition with the reason when no GPU can be used) or "auto"
+   * (cuda when available). Resolved before any weight is read; the result is LoadedModel.device.
+   */
+  device?: DeviceRequest;
 }
 
 export interface LoadStats {
@@ -61,6 +66,8 @@ export class LoadedModel {
     /** Token ids that end generation (config.json ∪ generation_config.json ∪ tokenizer eos). */
     readonly eosTokenIds: readonly number[],
     readonly stats: LoadStats,
+    /** Where the engine runs (the resolved LoadModelOptions.device). */
+    readonly device: Device = "cpu",
   ) {}
 
   get vocabSize(): number {
@@ -115,6 +122,10 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   if (quant !== "nf4" && quant !== "none") throw new InvalidArgument(`quant must be "nf4" or "none", got ${JSON.stringify(quant)}`);
   const blocksize = options.blocksize ?? 64;
   checkNf4Blocksize(blocksize);
+  if (options.device !== undefined && !["auto", "cpu", "cuda"].includes(options.device)) {
+    throw new InvalidArgument(`device must be "auto", "cpu" or "cuda", got ${JSON.stringify(options.device)}`);
+  }
+  const device = resolveDevice(options.device ?? "cpu");
   const t0 = performance.now();
 
   const ck = await HfCheckpoint.open(dir);
@@ -163,7 +174,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     if (!Number.isSafeInteger(maxContext) || maxContext < 2 || maxContext > maxPos) {
       throw new InvalidArgument(`maxContext must be an integer in 2..${maxPos} (max_position_embeddings), got ${maxContext}`);
     }
-    const engineOptions: { maxContext: number; maxSequences?: number } = { maxContext };
+    const engineOptions: { maxContext: number; maxSequences?: number; device: Device } = { maxContext, device };
     if (options.maxSequences !== undefined) engineOptions.maxSequences = options.maxSequences;
     native = new NativeModel(engineConfig, weights, engineOptions);
     stats = {
@@ -182,5 +193,5 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     ...(tokenizer.eosTokenId !== null ? [tokenizer.eosTokenId] : []),
   ]);
   stats.loadMs = performance.now() - t0;
-  return new LoadedModel(dir, ck.config, engineConfig, native, tokenizer, quant, generationConfig, [...eos], stats);
+  return new LoadedModel(dir, ck.config, engineConfig, native, tokenizer, quant, generationConfig, [...eos], stats, device);
 }
