@@ -41,12 +41,14 @@ export const generate = defineCommand({
     seed: { type: "string", value: "S", description: "Random seed (same seed, same output)", default: "random" },
     stop: { type: "string", value: "TEXT", description: "Stop before this text (taken verbatim)" },
     quant: { type: "string", value: "nf4|none", description: "Base weights in NF4 or full precision", default: "nf4" },
+    device: { type: "string", value: "auto|cpu|cuda", description: "Where the model runs (auto: cuda when a GPU is usable)", default: "auto" },
   },
   async run({ args, io, json, signal }) {
     const modelDir = path.resolve(io.cwd, args.requiredString("model"));
     const prompt = args.string("prompt");
     if (prompt === undefined) throw new UsageError("--prompt is required");
     const quant = args.choice("quant", ["nf4", "none"] as const) ?? "nf4";
+    const device = args.choice("device", ["auto", "cpu", "cuda"] as const) ?? "auto";
     const maxNewTokens = args.int("max-new-tokens", { min: 1, max: 1_000_000 }) ?? 128;
     const temperature = numberOption(args, "temperature", 0, 100);
     const topK = args.int("top-k", { min: 0 });
@@ -64,7 +66,7 @@ export const generate = defineCommand({
     const stop = stopArg === undefined ? [] : [stopArg];
 
     const { generate: runGenerate, installAdapter, loadAdapter, loadModel } = await import("@qlora/model");
-    const model: LoadedModel = await loadModel(modelDir, { quant, maxSequences: 1 });
+    const model: LoadedModel = await loadModel(modelDir, { quant, device, maxSequences: 1 });
     try {
       let adapterSlot = -1;
       const adapterArg = args.string("adapter");
@@ -93,6 +95,7 @@ export const generate = defineCommand({
           text: result.text,
           token_ids: result.tokenIds,
           finish_reason: result.finishReason,
+          device: model.device,
           usage: { prompt_tokens: result.usage.promptTokens, completion_tokens: result.usage.completionTokens },
           timings: {
             time_to_first_token_ms: result.timings.timeToFirstTokenMs,
@@ -106,7 +109,7 @@ export const generate = defineCommand({
           const t = result.timings;
           io.stderr.write(
             `[${result.usage.completionTokens} tokens, ${result.finishReason}; first token ${t.timeToFirstTokenMs.toFixed(0)} ms, ` +
-              `${t.tokensPerSecond.toFixed(1)} tokens/s; ${quant}]\n`,
+              `${t.tokensPerSecond.toFixed(1)} tokens/s; ${quant}, ${model.device}]\n`,
           );
         }
       }

@@ -29,6 +29,11 @@ export interface InferenceServiceOptions {
   adapterBudgetBytes?: number;
   /** Kernel threads in the engine worker (0: the addon's default: QLORA_THREADS or all cores). */
   threads?: number;
+  /**
+   * Where base models are loaded (default "cpu"): a resolved device — `qlora serve --device` resolves
+   * "auto" first. "cuda" loads fail with FailedPrecondition when no GPU can be used.
+   */
+  device?: "cpu" | "cuda";
   /** Where failures of background work (preloading) are reported. Default: stderr. */
   log?: (line: string) => void;
   /** The OpenAI API, KServe protocol and operator page on the same port (all on by default). */
@@ -50,6 +55,7 @@ export function inferenceService(options: InferenceServiceOptions): InferenceSer
     maxContext: options.maxContext ?? 0,
     adapterBudgetBytes: options.adapterBudgetBytes ?? 256 * 1024 * 1024,
     threads: options.threads ?? 0,
+    device: options.device ?? "cpu",
   });
   const store = new StoreAccess(options.store);
   const handlers = inferenceHandlers({ engine, store, defaultModel: options.defaultModel });

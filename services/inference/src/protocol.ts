@@ -89,6 +89,8 @@ export interface ResidentAdapterInfo {
 export interface LoadedModelInfo {
   name: string;
   quant: QuantMode;
+  /** Where the engine holds this base (the service's device). */
+  device: "cpu" | "cuda";
   residentBytes: number;
   modelType: string;
   maxContext: number;
@@ -183,4 +185,6 @@ export interface EngineOptions {
   adapterBudgetBytes: number;
   /** Kernel threads in the worker (<= 0: the addon's default). */
   threads: number;
+  /** Where base models are loaded (resolved by the caller: "auto" never reaches the worker). */
+  device: "cpu" | "cuda";
 }

@@ -49,7 +49,7 @@ function getHost(ref: ModelRef): Promise<ModelHost> {
   let p = hosts.get(key);
   if (!p) {
     post({ type: "modelState", name: ref.name, quant: ref.quant, state: "loading" });
-    p = openModel(ref, { maxSequences: options.maxBatch, maxContext: options.maxContext }).then(
+    p = openModel(ref, { maxSequences: options.maxBatch, maxContext: options.maxContext, device: options.device }).then(
       (model) => {
         const host = new ModelHost(
           model,
