@@ -1,11 +1,11 @@
-// NF4 GEMV (decode, M = 1..8) against the copy bandwidth, and GEMM GFLOP/s (M = 128) against the
-// machine's FMA peak. Run by `npm run bench` (bench/run.mjs) or directly with node.
+// NF4 GEMV (decode, M = 1..8; exact fp32 decode and int8 activations) against the copy bandwidth,
+// and GEMM GFLOP/s (M = 128) against the machine's FMA peak. Run by `npm run bench` (bench/run.mjs) or directly with node.
 // The weights rotate over enough copies to overflow the last-level cache ("stream"); "hot" repeats
 // one weight (L3-resident when it fits). Best of several runs: the machine is shared.
 import { cpus } from "node:os";
 import { readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
-import { cpuInfo, gemm, linear, linearBackwardInput, quantizeNf4, setThreads, streamCopy } from "@qlora/kernels";
+import { cpuInfo, gemm, linear, linearBackwardInput, linearInt8, quantizeNf4, setThreads, streamCopy } from "@qlora/kernels";
 
 const reps = Number(process.env.BENCH_REPS ?? 7);
 const N = 2048;
@@ -73,17 +73,21 @@ const copy = { wall: (2 * cs.byteLength) / tcopy.wall / 1e9, cpu: (2 * cs.byteLe
 console.log(`simd ${info.simd}, threads ${info.threads}, W = [${N}, ${K}] nf4 bs 64 (${(wBytes / 1e6).toFixed(1)} MB packed + absmax), ${COPIES} copies, copy bandwidth ${pair((k) => copy[k])} GB/s (r+w), best of ${reps}`);
 console.log("figures from wall time; in parentheses from CPU time / threads (what an unloaded machine would show)");
 console.log("");
-console.log("| M | stream: ms | weight GB/s | vs copy | hot: ms | weight GB/s |");
-console.log("|---|---|---|---|---|---|");
+// exact: NF4 decoded to fp32 (linear); int8: int8 activations, integer block dots (linearInt8)
+const paths = { exact: linear, int8: (...a) => linearInt8(...a).y };
+console.log("| M | path | stream: ms | weight GB/s | vs copy | hot: ms | weight GB/s |");
+console.log("|---|---|---|---|---|---|---|");
 for (const M of [1, 2, 4, 8]) {
   const x = randn(M * K, 11 + M);
   const y = new Float32Array(M * N);
-  const ts = timeBest((j = 0) => linear(x, M, weights[j % COPIES], undefined, y), COPIES);
-  const th = timeBest(() => linear(x, M, weights[0], undefined, y), COPIES);
-  const gs = (k) => wBytes / ts[k] / 1e9;
-  console.log(
-    `| ${M} | ${pair((k) => ts[k] * 1e3)} | ${pair(gs)} | ${((gs("wall") / copy.wall) * 100).toFixed(0)}% (${((gs("cpu") / copy.cpu) * 100).toFixed(0)}%) | ${pair((k) => th[k] * 1e3)} | ${pair((k) => wBytes / th[k] / 1e9)} |`,
-  );
+  for (const [path, fn] of Object.entries(paths)) {
+    const ts = timeBest((j = 0) => fn(x, M, weights[j % COPIES], undefined, y), COPIES);
+    const th = timeBest(() => fn(x, M, weights[0], undefined, y), COPIES);
+    const gs = (k) => wBytes / ts[k] / 1e9;
+    console.log(
+      `| ${M} | ${path} | ${pair((k) => ts[k] * 1e3)} | ${pair(gs)} | ${((gs("wall") / copy.wall) * 100).toFixed(0)}% (${((gs("cpu") / copy.cpu) * 100).toFixed(0)}%) | ${pair((k) => th[k] * 1e3)} | ${pair((k) => wBytes / th[k] / 1e9)} |`,
+    );
+  }
 }
 
 // GEMM at M = 128: dense f32 and NF4-weight linear

@@ -19,7 +19,12 @@
 // × steps/s. Then where an OPT-125m decode step goes: an op-by-op replay through the kernels
 // (replayChild) and, when `perf` is installed, perf samples of the decode loop by part (perfDecode).
 //
+// Then the same child again with loadModel(…, { embeddings: "nf4" }) (embed_tokens / tied lm_head in
+// NF4 too): its peak RSS and decode rates are a second table.
+//
 // Env: BENCH_MODELS (opt-125m,smollm2-135m,llama-3.2-1b), BENCH_THREADS ("1,2"), BENCH_REPEATS (3),
+//      BENCH_EMBEDDINGS ("stored,nf4": which embeddings modes to run),
+//      BENCH_DECODE_INT8 (1; 0 skips the OPT-125m decode run with decodeMatmul "int8"),
 //      BENCH_DECODE_S (0.5: seconds per decode run), BENCH_PREFILL (512), BENCH_PROFILE (1; 0 skips
 //      replay and perf), BENCH_PERF (1; 0 skips perf only), QLORA_BENCH_DIR (cache, default bench/out/).
 import { spawnSync } from "node:child_process";
@@ -87,7 +92,7 @@ async function benchChild(opts) {
   const { dir, threadList, decodeS, repeats, prefillLen, prefillRepeats, ctxTokens } = opts;
   const c0 = process.cpuUsage();
   const t0 = now();
-  const model = await loadModel(dir, { quant: "nf4", maxSequences: 8 });
+  const model = await loadModel(dir, { quant: "nf4", embeddings: opts.embeddings ?? "stored", decodeMatmul: opts.decodeMatmul ?? "exact", maxSequences: 8 });
   const loadMs = now() - t0;
   const lc = process.cpuUsage(c0);
   const loadThreads = cpuInfo().threads;
@@ -552,8 +557,11 @@ async function main() {
   for (const t of threadList) copy[t] = copyBandwidth(t);
   setThreads(0);
 
+  const embeddingModes = (process.env.BENCH_EMBEDDINGS ?? "stored,nf4").split(",").filter(Boolean);
   const results = [];
   const perModel = {};
+  const nf4Emb = {}; // preset → the child's result with embeddings "nf4"
+  const int8Decode = {}; // preset → the child's result with decodeMatmul "int8"
   for (const p of models) {
     const big = PRESETS[p].hidden_size >= 2048;
     // the 1B model: one decode repeat (>= 3 steps) and one (cold for the first thread count) prefill
@@ -572,8 +580,12 @@ async function main() {
     };
     const cached = fileCached(join(ck[p].dir, "model.safetensors"));
     const load = Math.max(...threadList);
+    if (embeddingModes.includes("nf4")) nf4Emb[p] = { ...runChild("--child", { ...args, embeddings: "nf4" }, load), bytes: stepWeightBytes(parseModelConfig(PRESETS[p]), 64, 0.5 + 4 / 64) };
+    if (!embeddingModes.includes("stored")) continue;
     const r = runChild("--child", args, load);
     perModel[p] = { ...r, cached, bytes: stepWeightBytes(parseModelConfig(PRESETS[p])) };
+    // decodeMatmul "int8" (int8-activation NF4 decode matmul, docs/engine.md): OPT-125m decode only
+    if (p === "opt-125m" && process.env.BENCH_DECODE_INT8 !== "0") int8Decode[p] = runChild("--child", { ...args, decodeMatmul: "int8", prefillAt: [] }, load);
     for (const t of threadList) results.push({ preset: p, t, ...perModel[p], ...r.byThreads[t] });
   }
   const load1 = loadavg();
@@ -596,6 +608,7 @@ async function main() {
   console.log("|---|---|---|---|---|---|---|");
   for (const p of models) {
     const r = perModel[p];
+    if (!r) continue;
     console.log(`| ${p} | ${(r.weightBytes / 1e6).toFixed(0)} (${(r.bytes.nf4 / 1e6).toFixed(0)} + ${((r.weightBytes - r.bytes.nf4) / 1e6).toFixed(0)}) | ${pair([r.load[0] / 1000, r.load[1] / 1000], 2)}, ${r.loadThreads} thr, ${r.cached === null ? "?" : f(r.cached * 100, 0) + "%"} | ${mb(r.rssAfterLoad)} | ${mb(r.hwm)} | ${mb(r.residentBytes)} | ${r.coldTtft ? pair(r.coldTtft, 0) : "see below"} |`);
   }
   console.log("");
@@ -605,15 +618,37 @@ async function main() {
     const ttft = !r.ttft ? "not run (BENCH_FULL=1)" : r.ttftCold ? `${pair(r.ttftCold, 0)} cold` : pair(r.ttft, 0);
     console.log(`| ${r.preset} | ${r.t} | ${pair(r.b1)} | ${pair(r.b1Ctx)} | ${pair(r.b8)} | ${pair(r.prefill)} | ${ttft} |`);
   }
+  for (const [p, r] of Object.entries(int8Decode)) {
+    console.log("");
+    console.log(`${p} decode tok/s, decodeMatmul "exact" → "int8" (int8 activations; same checkpoint, embeddings as stored)`);
+    console.log("");
+    console.log("| threads | b1 exact | b1 int8 | b8 exact | b8 int8 |");
+    console.log("|---|---|---|---|---|");
+    for (const t of threadList) {
+      const e = perModel[p].byThreads[t];
+      console.log(`| ${t} | ${pair(e.b1)} | ${pair(r.byThreads[t].b1)} | ${pair(e.b8)} | ${pair(r.byThreads[t].b8)} |`);
+    }
+  }
   console.log("");
   console.log("Targets (issue 3, this 2-core machine):");
   for (const r of results.filter((x) => x.preset === "opt-125m")) {
     const best = Math.max(r.b1[0], r.b1[1]);
     console.log(`- decode OPT-125m batch 1 >= 140 tok/s (PyTorch fp32 ~28): ${pair(r.b1)} at ${r.t} thread(s) → ${r.b1[0] >= 140 ? "MET" : best >= 140 ? "MET on CPU time only" : "NOT MET"} (${f(r.b1[0] / 28)}x PyTorch by wall time)`);
   }
-  if (perModel["llama-3.2-1b"]) {
-    const h = perModel["llama-3.2-1b"].hwm;
-    console.log(`- peak RSS Llama-3.2-1B < 1.2 GB: ${mb(h)} MiB = ${(h / 1e9).toFixed(3)} GB → ${h < 1.2e9 ? "MET" : h < 1.2 * 2 ** 30 ? "MET only as GiB (1.2 GiB = 1229 MiB)" : "NOT MET"}`);
+  for (const [what, r] of [["", perModel["llama-3.2-1b"]], [", embeddings nf4", nf4Emb["llama-3.2-1b"]]]) {
+    if (!r) continue;
+    const h = r.hwm;
+    console.log(`- peak RSS Llama-3.2-1B${what} < 1.2 GB: ${mb(h)} MiB = ${(h / 1e9).toFixed(3)} GB → ${h < 1.2e9 ? "MET" : h < 1.2 * 2 ** 30 ? "MET only as GiB (1.2 GiB = 1229 MiB)" : "NOT MET"}`);
+  }
+  if (Object.keys(nf4Emb).length) {
+    console.log("");
+    console.log(`embeddings "nf4" (embed_tokens / lm_head NF4 blocksize 64, quantized on load; same runs as above)`);
+    console.log("");
+    console.log(`| model | weights MB (lm_head MB/step) | RSS after load MiB | peak RSS MiB | residentBytes() MiB | ${threadList.map((t) => `decode b1 tok/s ${t} thr`).join(" | ")} | ${threadList.map((t) => `decode b8 tok/s ${t} thr`).join(" | ")} |`);
+    console.log(`|---|---|---|---|---|${threadList.map(() => "---").join("|")}|${threadList.map(() => "---").join("|")}|`);
+    for (const [p, r] of Object.entries(nf4Emb)) {
+      console.log(`| ${p} | ${(r.weightBytes / 1e6).toFixed(0)} (${(r.bytes.head / 1e6).toFixed(1)}) | ${mb(r.rssAfterLoad)} | ${mb(r.hwm)} | ${mb(r.residentBytes)} | ${threadList.map((t) => pair(r.byThreads[t].b1)).join(" | ")} | ${threadList.map((t) => pair(r.byThreads[t].b8)).join(" | ")} |`);
+    }
   }
   console.log("");
   console.log("Decode weight bandwidth: weight bytes read per step (NF4 linears incl. absmax + lm_head BF16) × steps/s, against the copy bandwidth");

@@ -14,6 +14,10 @@
  * | job store    | --job-store         | QLORA_JOB_STORE, QLORA_DATABASE_URL (+ _SCHEMA) | sqlite (data dir) |
  * | device       | --device            | QLORA_DEVICE                                 | auto               |
  * | replica id   | --replica-id        | QLORA_REPLICA_ID                             | see below          |
+ * | decode matmul| --decode-matmul     | QLORA_DECODE_MATMUL (exact, int8)            | exact              |
+ * | embeddings   | --embeddings        | QLORA_EMBEDDINGS (stored, nf4)               | stored             |
+ * | adapter rank | --max-adapter-rank  | QLORA_MAX_ADAPTER_RANK                       | 256                |
+ * | adapter size | --max-adapter-bytes | QLORA_MAX_ADAPTER_BYTES (1073741824, 512MiB, 1GiB) | 1 GiB        |
  *
  * Host and port deliberately have no environment variables: Kubernetes' service links inject
  * `<SERVICE>_PORT=tcp://…` variables, and a Service named "qlora" would silently set QLORA_PORT.
@@ -41,6 +45,9 @@ export const STORE_KINDS = ["local", "s3"] as const;
 export type StoreKind = (typeof STORE_KINDS)[number];
 export const JOB_STORE_KINDS = ["sqlite", "postgres"] as const;
 export type JobStoreKind = (typeof JOB_STORE_KINDS)[number];
+export const DECODE_MATMULS = ["exact", "int8"] as const;
+export const EMBEDDINGS_MODES = ["stored", "nf4"] as const;
+export type DecodeMatmulChoice = (typeof DECODE_MATMULS)[number];
 
 /** The flags of `qlora serve` as given (undefined or empty list: not given). */
 export interface ServeFlags {
@@ -52,6 +59,10 @@ export interface ServeFlags {
   jobStore?: string | undefined;
   device?: string | undefined;
   replicaId?: string | undefined;
+  decodeMatmul?: string | undefined;
+  embeddings?: string | undefined;
+  maxAdapterRank?: string | undefined;
+  maxAdapterBytes?: string | undefined;
 }
 
 /** The variables `createStoreFromEnv` (@qlora/store) reads; `store.env` holds only these. */
@@ -128,6 +139,15 @@ export interface ServerConfig {
    */
   replicaId: string | undefined;
   replicaIdSource: "flag" | "env" | "hostname" | "data-dir";
+  /** The inference service's decode-step NF4 matmul (docs/engine.md): exact fp32 weights or int8 activations. */
+  decodeMatmul: DecodeMatmulChoice;
+  /** The inference service's token embeddings / lm_head: as stored, or NF4 (docs/model.md). */
+  embeddings: (typeof EMBEDDINGS_MODES)[number];
+  /**
+   * Limits on LoRA adapters (docs/security.md): the inference service refuses to load larger ones,
+   * the trainer refuses jobs of a larger rank. Undefined: the services' defaults (rank 256, 1 GiB).
+   */
+  adapterLimits: { maxRank: number | undefined; maxBytes: number | undefined };
 }
 
 export interface ConfigOptions {
@@ -157,6 +177,10 @@ function flagName(envKey: string): string {
       QLORA_JOB_STORE: "job-store",
       QLORA_DEVICE: "device",
       QLORA_REPLICA_ID: "replica-id",
+      QLORA_DECODE_MATMUL: "decode-matmul",
+      QLORA_EMBEDDINGS: "embeddings",
+      QLORA_MAX_ADAPTER_RANK: "max-adapter-rank",
+      QLORA_MAX_ADAPTER_BYTES: "max-adapter-bytes",
     } as Record<string, string>
   )[envKey]!;
 }
@@ -176,6 +200,25 @@ function choice<T extends string>(v: { value: string; from: string } | undefined
 }
 
 const REPLICA_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+function positiveInt(v: { value: string; from: string } | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = /^[0-9]+$/.test(v.value) ? Number(v.value) : NaN;
+  if (!Number.isSafeInteger(n) || n < 1) throw invalid(v.from, `must be a positive integer; got ${JSON.stringify(v.value)}`);
+  return n;
+}
+
+const BYTE_UNITS: Record<string, number> = { "": 1, b: 1, k: 1024, kib: 1024, m: 1024 ** 2, mib: 1024 ** 2, g: 1024 ** 3, gib: 1024 ** 3 };
+
+/** Bytes as a count, or with a binary unit: 1073741824, 512MiB, 1GiB (K/M/G mean KiB/MiB/GiB). */
+function byteSize(v: { value: string; from: string } | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const m = /^([0-9]+)\s*([A-Za-z]*)$/.exec(v.value);
+  const unit = m ? BYTE_UNITS[m[2]!.toLowerCase()] : undefined;
+  const n = m && unit !== undefined ? Number(m[1]) * unit : NaN;
+  if (!Number.isSafeInteger(n) || n < 1) throw invalid(v.from, `must be a positive size in bytes (e.g. 1073741824, 512MiB, 1GiB); got ${JSON.stringify(v.value)}`);
+  return n;
+}
 
 /** A host name as a replica id: characters outside [A-Za-z0-9._-] become "-", at most 128. */
 export function replicaIdFromHostname(h: string): string | undefined {
@@ -290,6 +333,8 @@ export function serverConfigFromEnv(flags: ServeFlags, env: Env, opts: ConfigOpt
   const jobStore = servesTrainer ? parseJobStore(jobStoreKind, env, dataDir, jsFrom?.from ?? "QLORA_JOB_STORE") : null;
 
   const device = choice(pick(flags.device, env, "QLORA_DEVICE"), DEVICES, "auto");
+  const decodeMatmul = choice(pick(flags.decodeMatmul, env, "QLORA_DECODE_MATMUL"), DECODE_MATMULS, "exact");
+  const embeddings = choice(pick(flags.embeddings, env, "QLORA_EMBEDDINGS"), EMBEDDINGS_MODES, "stored");
 
   let replicaId: string | undefined;
   let replicaIdSource: ServerConfig["replicaIdSource"];
@@ -312,7 +357,12 @@ export function serverConfigFromEnv(flags: ServeFlags, env: Env, opts: ConfigOpt
     replicaIdSource = "data-dir";
   }
 
-  return { host, port, dataDir, services, store, jobStore, device, replicaId, replicaIdSource };
+  const adapterLimits = {
+    maxRank: positiveInt(pick(flags.maxAdapterRank, env, "QLORA_MAX_ADAPTER_RANK")),
+    maxBytes: byteSize(pick(flags.maxAdapterBytes, env, "QLORA_MAX_ADAPTER_BYTES")),
+  };
+
+  return { host, port, dataDir, services, store, jobStore, device, replicaId, replicaIdSource, decodeMatmul, embeddings, adapterLimits };
 }
 
 /** What this build can do with CUDA: the kernels' `cudaInfo()` when they have one. */

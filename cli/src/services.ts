@@ -21,6 +21,12 @@ export interface ServeContext {
   device?: "cpu" | "cuda";
   /** --device as asked: the trainer refuses "cuda" and trains on the CPU for auto / cpu. */
   config?: { device: "auto" | "cpu" | "cuda" };
+  /** --decode-matmul: the inference service's decode-step NF4 matmul (undefined: exact). */
+  decodeMatmul?: "exact" | "int8" | undefined;
+  /** --embeddings: the inference service's token embeddings / lm_head (undefined: as stored). */
+  embeddings?: "stored" | "nf4" | undefined;
+  /** --max-adapter-rank / --max-adapter-bytes (undefined: the services' defaults). */
+  adapterLimits?: { maxRank?: number | undefined; maxBytes?: number | undefined };
 }
 
 export type ServiceFactory = (ctx: ServeContext) => ServiceRegistration | Promise<ServiceRegistration>;
@@ -28,7 +34,7 @@ export type ServiceFactory = (ctx: ServeContext) => ServiceRegistration | Promis
 export const SERVICES: Record<string, ServiceFactory | { unavailable: string }> = {
   // Imported on demand: service packages load native code that other commands do not need.
   quantizer: async ({ store }) => (await import("@qlora/quantizer")).quantizerService(store),
-  trainer: async ({ store, dataDir, replicaId, openJobStore, config }) => {
+  trainer: async ({ store, dataDir, replicaId, openJobStore, adapterLimits, config }) => {
     if (config?.device === "cuda") {
       throw new FailedPrecondition(
         "--device cuda: training on CUDA is not implemented yet; start the trainer with --device auto|cpu (e.g. --services quantizer,inference for a CUDA inference server)",
@@ -36,9 +42,18 @@ export const SERVICES: Record<string, ServiceFactory | { unavailable: string }> 
     }
     const { trainerService } = await import("@qlora/trainer");
     const jobStore = await openJobStore?.();
-    return trainerService({ store, dataDir, ...(jobStore ? { jobStore } : {}), ...(replicaId ? { replicaId } : {}) });
+    const maxLoraRank = adapterLimits?.maxRank;
+    return trainerService({ store, dataDir, ...(jobStore ? { jobStore } : {}), ...(replicaId ? { replicaId } : {}), ...(maxLoraRank ? { maxLoraRank } : {}) });
   },
-  inference: async ({ store, device }) => (await import("@qlora/inference")).inferenceService({ store, device: device ?? "cpu" }),
+  inference: async ({ store, device, adapterLimits, decodeMatmul, embeddings }) =>
+    (await import("@qlora/inference")).inferenceService({
+      store,
+      device: device ?? "cpu",
+      ...(decodeMatmul ? { decodeMatmul } : {}),
+      ...(embeddings ? { embeddings } : {}),
+      ...(adapterLimits?.maxRank ? { maxAdapterRank: adapterLimits.maxRank } : {}),
+      ...(adapterLimits?.maxBytes ? { maxAdapterBytes: adapterLimits.maxBytes } : {}),
+    }),
 };
 
 export function availableServices(): string[] {

@@ -207,6 +207,14 @@ describe("serverConfigFromEnv", () => {
     assert.deepEqual(pg.jobStore, { kind: "postgres", url: "postgresql://u:p@db.example:6432/q?sslmode=require", display: "postgresql://u@db.example:6432/q", schema: "qlora_ci" });
     assert.equal(redactDatabaseUrl(new URL("postgres://h/db")), "postgres://h/db");
   });
+
+  test("--decode-matmul / QLORA_DECODE_MATMUL: exact by default, the flag wins, other values are refused", () => {
+    assert.equal(cfg({ dataDir: "/d" }, {}).decodeMatmul, "exact");
+    assert.equal(cfg({ dataDir: "/d" }, { QLORA_DECODE_MATMUL: "int8" }).decodeMatmul, "int8");
+    assert.equal(cfg({ dataDir: "/d", decodeMatmul: "exact" }, { QLORA_DECODE_MATMUL: "int8" }).decodeMatmul, "exact");
+    throwsWith(() => cfg({ dataDir: "/d", decodeMatmul: "fp8" }, {}), UsageError, /--decode-matmul must be one of exact, int8; got "fp8"/);
+    throwsWith(() => cfg({ dataDir: "/d" }, { QLORA_DECODE_MATMUL: "int4" }), InvalidArgument, /QLORA_DECODE_MATMUL must be one of exact, int8; got "int4"/);
+  });
 });
 
 describe("the job store in use", () => {

@@ -8,7 +8,7 @@ const ADAPTER_SLOT = 0;
 export const evalCommand = defineCommand({
   name: "eval",
   summary: "Mean next-token cross-entropy (and perplexity) of a model on a data file",
-  usage: "qlora eval --model DIR [--adapter DIR] --data FILE [--quant nf4|none] [--device auto|cpu|cuda]",
+  usage: "qlora eval --model DIR [--adapter DIR] --data FILE [--quant nf4|none] [--embeddings stored|nf4] [--device auto|cpu|cuda]",
   description: [
     "Scores every example of FILE — .jsonl with one {\"text\": ...} per line, or .txt with one example",
     "per non-empty line — encoded with the tokenizer's special tokens (BOS + tokens). The loss is the",
@@ -21,16 +21,18 @@ export const evalCommand = defineCommand({
     data: { type: "string", value: "FILE", description: "Examples: .jsonl ({\"text\": ...} per line) or .txt (one per line)" },
     quant: { type: "string", value: "nf4|none", description: "Base weights in NF4 or full precision", default: "nf4" },
     device: { type: "string", value: "auto|cpu|cuda", description: "Where the model runs (auto: cuda when a GPU is usable)", default: "auto" },
+    embeddings: { type: "string", value: "stored|nf4", description: "Token embeddings / lm_head as stored, or NF4 (smaller, slightly less accurate)", default: "stored" },
   },
   async run({ args, io, json, signal }) {
     const modelDir = path.resolve(io.cwd, args.requiredString("model"));
     const dataFile = path.resolve(io.cwd, args.requiredString("data"));
     const quant = args.choice("quant", ["nf4", "none"] as const) ?? "nf4";
+    const embeddings = args.choice("embeddings", ["stored", "nf4"] as const) ?? "stored";
     const device = args.choice("device", ["auto", "cpu", "cuda"] as const) ?? "auto";
     // Read the data first: a malformed file should fail before a model is loaded.
     const { evaluate, installAdapter, loadAdapter, loadModel, readEvalExamples } = await import("@qlora/model");
     const texts = await readEvalExamples(dataFile);
-    const model = await loadModel(modelDir, { quant, device, maxSequences: 1 });
+    const model = await loadModel(modelDir, { quant, embeddings, device, maxSequences: 1 });
     try {
       let adapterSlot = -1;
       const adapterArg = args.string("adapter");
@@ -45,7 +47,7 @@ export const evalCommand = defineCommand({
         writeJsonLine(io, { loss: r.loss, perplexity: r.perplexity, tokens: r.tokens, examples: r.examples, device: model.device });
       } else {
         io.stdout.write(
-          `loss ${r.loss.toFixed(6)}  perplexity ${r.perplexity.toFixed(4)}  (${r.tokens} tokens, ${r.examples} example${r.examples === 1 ? "" : "s"}; ${quant}, ${model.device})\n`,
+          `loss ${r.loss.toFixed(6)}  perplexity ${r.perplexity.toFixed(4)}  (${r.tokens} tokens, ${r.examples} example${r.examples === 1 ? "" : "s"}; ${quant}${embeddings === "nf4" ? ", nf4 embeddings" : ""}, ${model.device})\n`,
         );
       }
       return 0;

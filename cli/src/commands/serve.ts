@@ -30,6 +30,8 @@ export const serve = defineCommand({
     "job-store": { type: "string", value: "KIND", description: "Trainer job store: sqlite (the data dir) or postgres (QLORA_DATABASE_URL)", default: "$QLORA_JOB_STORE or sqlite" },
     device: { type: "string", value: "D", description: "auto, cpu or cuda (cuda fails unless this build and machine have it)", default: "$QLORA_DEVICE or auto" },
     "replica-id": { type: "string", value: "ID", description: "This replica's id in a shared job store", default: "$QLORA_REPLICA_ID, else the host name with postgres" },
+    "decode-matmul": { type: "string", value: "M", description: "Inference decode-step NF4 matmul: exact, or int8 activations (faster, ~1% error per output)", default: "$QLORA_DECODE_MATMUL or exact" },
+    embeddings: { type: "string", value: "E", description: "Inference token embeddings / lm_head: stored (as in the file) or nf4 (smaller, slightly less accurate)", default: "$QLORA_EMBEDDINGS or stored" },
     "tls-cert": { type: "string", value: "FILE", description: "PEM certificate chain: serve TLS (with --tls-key; docs/security.md)" },
     "tls-key": { type: "string", value: "FILE", description: "PEM private key of --tls-cert" },
     "tls-client-ca": { type: "string", value: "FILE", description: "PEM CA bundle: require client certificates it signed (mutual TLS)" },
@@ -37,6 +39,8 @@ export const serve = defineCommand({
     "auth-tokens": { type: "string", value: "FILE", description: "JSON bearer tokens with permissions and quotas (docs/security.md)" },
     "audit-log": { type: "string", value: "FILE", description: "Append audit events (JSON lines) to FILE" },
     "log-level": { type: "string", value: "L", description: "JSON logs on stderr: debug, info (one line per call), warn, error", default: "info" },
+    "max-adapter-rank": { type: "string", value: "N", description: "Refuse adapters (inference) and jobs (trainer) of a larger LoRA rank", default: "$QLORA_MAX_ADAPTER_RANK or 256" },
+    "max-adapter-bytes": { type: "string", value: "SIZE", description: "Refuse to load adapters whose weights file is larger (e.g. 512MiB)", default: "$QLORA_MAX_ADAPTER_BYTES or 1GiB" },
   },
   async run({ args, io, json, signal }) {
     const config = serverConfigFromEnv(
@@ -49,6 +53,10 @@ export const serve = defineCommand({
         jobStore: args.string("job-store"),
         device: args.string("device"),
         replicaId: args.string("replica-id"),
+        decodeMatmul: args.string("decode-matmul"),
+        embeddings: args.string("embeddings"),
+        maxAdapterRank: args.string("max-adapter-rank"),
+        maxAdapterBytes: args.string("max-adapter-bytes"),
       },
       io.env,
       { cwd: io.cwd },
@@ -66,7 +74,17 @@ export const serve = defineCommand({
     await mkdir(dataDir, { recursive: true });
     const store = createStoreFromEnv(config.store.env, { dataDir });
     // ServeContext plus what the trainer needs from the configuration (see cli/src/config.ts).
-    const ctx = { store, dataDir, config, device, replicaId: config.replicaId, openJobStore: () => openJobStore(config.jobStore) };
+    const ctx = {
+      store,
+      dataDir,
+      config,
+      device,
+      replicaId: config.replicaId,
+      decodeMatmul: config.decodeMatmul,
+      embeddings: config.embeddings,
+      adapterLimits: config.adapterLimits,
+      openJobStore: () => openJobStore(config.jobStore),
+    };
     const registrations: ServiceRegistration[] = [];
     for (const name of names) {
       const factory = SERVICES[name];

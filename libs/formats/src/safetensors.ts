@@ -206,6 +206,19 @@ export class SafetensorsFile {
     return buf;
   }
 
+  /**
+   * Reads `target.byteLength` bytes of a tensor starting at byte `start` within it into `target`
+   * (a caller's reused buffer: chunked loaders then allocate nothing per chunk).
+   */
+  async readRangeInto(name: string, start: number, target: Uint8Array): Promise<void> {
+    const info = this.info(name);
+    if (start < 0 || start + target.byteLength > info.byteLength) {
+      throw new InvalidArgument(`${this.path}: range [${start}, ${start + target.byteLength}) outside tensor ${JSON.stringify(name)}`);
+    }
+    if (!this.fh) throw new InvalidArgument(`${this.path}: file is closed`);
+    await preadFully(this.fh, target, this.dataStart + info.offset + start, this.path);
+  }
+
   async close(): Promise<void> {
     const fh = this.fh;
     this.fh = null;

@@ -97,6 +97,12 @@ export class SafetensorsSet {
     return this.handles.get(t.file)!.readRange(name, start, length);
   }
 
+  /** Reads part of a tensor into a caller's buffer (SafetensorsFile.readRangeInto). */
+  async readRangeInto(name: string, start: number, target: Uint8Array): Promise<void> {
+    const t = this.info(name);
+    return this.handles.get(t.file)!.readRangeInto(name, start, target);
+  }
+
   /** The metadata of the first shard (transformers puts {"format": "pt"} in each). */
   metadata(): Record<string, string> | null {
     return this.handles.get(this.files[0]!)?.metadata ?? null;

@@ -45,6 +45,13 @@ export interface EngineOptions {
   /** Tokens per sequence (default min(maxPositions, 2048)). */
   maxContext?: number;
   /**
+   * How NF4 linears of at most 8 rows (decode steps) multiply: "exact" (default; weights decoded to
+   * their exact fp32 values) or "int8" (activations quantized to int8 per weight block, integer block
+   * dot products: faster, ~1% relative error per output; `linearInt8`, docs/engine.md). Prefill and
+   * longer steps always run the exact kernel.
+   */
+  decodeMatmul?: DecodeMatmul;
+  /**
    * Where the model runs (default "cpu"). "cuda": engine::CudaModel (docs/cuda.md §6) — weights,
    * KV caches and adapters are copied to the GPU; FailedPrecondition when the addon has no CUDA or
    * no device is available (the reason from cudaInfo()). Resolve "auto" with resolveDevice() first.
@@ -53,6 +60,8 @@ export interface EngineOptions {
   /** CUDA only: replay decode steps from captured CUDA graphs (default true). */
   cudaGraphs?: boolean;
 }
+
+export type DecodeMatmul = "exact" | "int8";
 
 export interface LoraModuleWeights {
   /** lora_A [rank, in], row-major */
@@ -120,6 +129,7 @@ export class NativeModel {
   readonly maxContext: number;
   /** The device the model lives on. */
   readonly device: "cpu" | "cuda";
+  readonly decodeMatmul: DecodeMatmul;
   #m: any;
 
   constructor(config: EngineConfig, weights: Record<string, WeightTensor>, options: EngineOptions = {}) {
@@ -136,6 +146,7 @@ export class NativeModel {
     const info = this.#m.info();
     this.maxSequences = info.maxSequences;
     this.maxContext = info.maxContext;
+    this.decodeMatmul = info.decodeMatmul;
     this.device = info.device;
   }
 

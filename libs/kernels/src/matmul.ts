@@ -62,6 +62,26 @@ function weightArgs(w: WeightTensor, N: number, K: number): unknown[] {
   return [w.dtype, w.data, w.absmax ?? null, w.dtype === "nf4" ? (w.blocksize ?? 64) : 0, N, K];
 }
 
+/** Validates the arguments of a forward linear; returns [N, K, the output buffer]. */
+function forwardArgs(
+  x: Float32Array,
+  M: number,
+  w: WeightTensor,
+  bias: Float32Array | undefined,
+  out: Float32Array | undefined,
+  accumulate: boolean,
+): [number, number, Float32Array] {
+  const [N, K] = weightDims(w);
+  checkDim(M, "M");
+  if (!(x instanceof Float32Array) || x.length < M * K) throw new InvalidArgument(`x must be a Float32Array of >= ${M}*${K}`);
+  if (bias !== undefined && (!(bias instanceof Float32Array) || bias.length < N)) {
+    throw new InvalidArgument(`bias must be a Float32Array of >= ${N}`);
+  }
+  if (accumulate && out === undefined) throw new InvalidArgument("accumulate needs `out`");
+  const y = f32Buffer(out, M * N, "out");
+  return [N, K, y];
+}
+
 /**
  * y[M,N] = x[M,K]·Wᵀ (+ bias[N]). With `accumulate`, y += x·Wᵀ (+ bias) into `out`.
  * nf4 weights default to blocksize 64 when `blocksize` is absent.
@@ -74,16 +94,30 @@ export function linear(
   out?: Float32Array,
   accumulate = false,
 ): Float32Array {
-  const [N, K] = weightDims(w);
-  checkDim(M, "M");
-  if (!(x instanceof Float32Array) || x.length < M * K) throw new InvalidArgument(`x must be a Float32Array of >= ${M}*${K}`);
-  if (bias !== undefined && (!(bias instanceof Float32Array) || bias.length < N)) {
-    throw new InvalidArgument(`bias must be a Float32Array of >= ${N}`);
-  }
-  if (accumulate && out === undefined) throw new InvalidArgument("accumulate needs `out`");
-  const y = f32Buffer(out, M * N, "out");
+  const [N, K, y] = forwardArgs(x, M, w, bias, out, accumulate);
   native.linear(x, M, ...weightArgs(w, N, K), bias ?? null, y, accumulate);
   return y;
+}
+
+/**
+ * Decode-time linear with int8 activations (docs/kernels.md §3, "int8 decode path"): y (+)= x·Wᵀ
+ * (+ bias) like `linear`, but each row of x is quantized per weight block to int8 (scale max|x|/127)
+ * and the NF4 codes to int8 round(code·127); block dot products are exact integers scaled once per
+ * block. Approximate: per element |Δy| <= Σ_k (0.5·xscale_b·|w_k| + 0.5/127·absmax_b·|x̂_k|).
+ * Only nf4 weights with K % blocksize == 0 and 1 <= M <= 8 take this path (`int8`: true in the
+ * result); any other call computes exactly what `linear` does.
+ */
+export function linearInt8(
+  x: Float32Array,
+  M: number,
+  w: WeightTensor,
+  bias?: Float32Array,
+  out?: Float32Array,
+  accumulate = false,
+): { y: Float32Array; int8: boolean } {
+  const [N, K, y] = forwardArgs(x, M, w, bias, out, accumulate);
+  const int8: boolean = native.linearInt8(x, M, ...weightArgs(w, N, K), bias ?? null, y, accumulate);
+  return { y, int8 };
 }
 
 /** dx[M,K] = dy[M,N]·W (input gradient through a frozen weight); `accumulate`: dx += dy·W into `out`. */

@@ -58,12 +58,15 @@ export interface Nf4Quantized {
  * strict `>` against float32 midpoints (ties to the lower code); odd n pads the last low nibble
  * with code 7; an all-zero block gets absmax 0 and bytes 0x77. NaN elements are ignored by absmax
  * and get code 0; an infinite element makes the block's absmax inf (its finite elements -> code 7).
+ * `out`: caller-owned destinations (≥ ceil(n/2) bytes, ≥ ceil(n/blocksize) scales; views into a
+ * larger tensor's arrays let a loader quantize it chunk by chunk, blocks being independent).
  */
 export function quantizeNf4(
   data: Uint8Array | Float32Array,
   dtype: FloatDType,
   n: number,
   blocksize = 64,
+  out?: Nf4Quantized,
 ): Nf4Quantized {
   if (dtype !== "f32" && dtype !== "f16" && dtype !== "bf16") {
     throw new InvalidArgument(`dtype must be "f32", "f16" or "bf16", got ${String(dtype)}`);
@@ -77,8 +80,12 @@ export function quantizeNf4(
   if (data.byteLength < n * es) {
     throw new InvalidArgument(`data has ${data.byteLength} bytes, ${n} ${dtype} elements need ${n * es}`);
   }
-  const packed = new Uint8Array(Math.ceil(n / 2));
-  const absmax = new Float32Array(Math.ceil(n / blocksize));
+  const packed = out?.packed ?? new Uint8Array(Math.ceil(n / 2));
+  const absmax = out?.absmax ?? new Float32Array(Math.ceil(n / blocksize));
+  if (!(packed instanceof Uint8Array) || packed.length < Math.ceil(n / 2)) throw new InvalidArgument(`out.packed must be a Uint8Array of >= ${Math.ceil(n / 2)}`);
+  if (!(absmax instanceof Float32Array) || absmax.length < Math.ceil(n / blocksize)) {
+    throw new InvalidArgument(`out.absmax must be a Float32Array of >= ${Math.ceil(n / blocksize)}`);
+  }
   native.nf4Quantize(data, dtype, n, blocksize, packed, absmax);
   return { packed, absmax };
 }

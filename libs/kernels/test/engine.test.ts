@@ -542,3 +542,86 @@ test("stories260K: greedy tokens, cross-entropy and final logits match reference
   assertClose(last, ref.cross_entropy.final_position_logits, 1e-4, "final position logits");
   m.dispose();
 });
+
+test("long steps run in decoder windows: a mixed 1041-token batch and a 1100-token crossEntropy equal small steps", () => {
+  // The engine runs at most 1024 packed tokens per decoder pass (fewer for wide models); these
+  // steps cross a window boundary inside an adapter segment and inside a row.
+  const cfg = llamaGqa, w = randomWeights(cfg, 31), V = cfg.vocabSize;
+  const m = new NativeModel(cfg, toTensors(cfg, w), { maxSequences: 4, maxContext: 1200 });
+  m.setAdapter(0, randomAdapter(cfg, 32, ["self_attn.q_proj", "mlp.down_proj"], 3, 1.5));
+  m.setAdapter(3, randomAdapter(cfg, 33, ["self_attn.v_proj", "mlp.up_proj"], 2, 0.75));
+  const a = tokensOf(1000, V, 34), c = tokensOf(40, V, 35), bHist = tokensOf(7, V, 36);
+  const [sa, sb, sc] = [m.createSequence(), m.createSequence(), m.createSequence()];
+  m.forward([{ seq: sb, tokens: bHist, adapter: -1 }]);
+  // packed by adapter: b (1 token) | a (1000, adapter 0) | c (40, adapter 3): the 1024 boundary is in c
+  const rows = [{ seq: sa, tokens: a, adapter: 0 }, { seq: sb, tokens: Int32Array.of(5), adapter: -1 }, { seq: sc, tokens: c, adapter: 3 }];
+  const all = m.forward(rows, { allLogits: true });
+  assert.equal(all.length, 1041 * V);
+  for (const s of [sa, sb, sc]) m.dropSequence(s);
+
+  // the same tokens in steps of ≤ 100 (each one pass; the KV cache grows and is copied on the way)
+  const stepwise = (tokens: Int32Array, adapter: number, hist?: Int32Array): Float32Array => {
+    const seq = m.createSequence();
+    if (hist) m.forward([{ seq, tokens: hist, adapter }]);
+    const out = new Float32Array(tokens.length * V);
+    for (let at = 0; at < tokens.length; at += 100) {
+      const part = tokens.subarray(at, Math.min(tokens.length, at + 100));
+      out.set(m.forward([{ seq, tokens: part, adapter }], { allLogits: true }), at * V);
+    }
+    m.dropSequence(seq);
+    return out;
+  };
+  assertClose(all.subarray(0, 1000 * V), stepwise(a, 0), 1e-4, "row a (crosses no boundary, 1000 tokens in one window)");
+  assertClose(all.subarray(1000 * V, 1001 * V), stepwise(Int32Array.of(5), -1, bHist), 1e-4, "row b (decode)");
+  assertClose(all.subarray(1001 * V), stepwise(c, 3), 1e-4, "row c (split over two windows)");
+
+  // a single row longer than a window, and crossEntropy over it
+  const long = tokensOf(1100, V, 37);
+  const seq = m.createSequence();
+  const one = m.forward([{ seq, tokens: long, adapter: 3 }], { allLogits: true });
+  assertClose(one, stepwise(long, 3), 1e-4, "1100-token prefill vs steps of 100");
+  let sum = 0;
+  for (let t = 0; t + 1 < long.length; t++) {
+    const row = one.subarray(t * V, (t + 1) * V);
+    let mx = -Infinity;
+    for (const v of row) mx = Math.max(mx, v);
+    let z = 0;
+    for (const v of row) z += Math.exp(v - mx);
+    sum += mx + Math.log(z) - row[long[t + 1]!]!;
+  }
+  const ce = m.crossEntropy(long, 3);
+  assert.equal(ce.tokens, 1099);
+  assert.ok(Math.abs(ce.loss - sum / 1099) < 1e-5, `crossEntropy ${ce.loss} vs ${sum / 1099}`);
+  m.dispose();
+});
+
+test("KV cache memory grows with the sequence, is released on dropSequence, and residentBytes reports it", () => {
+  const cfg = llamaGqa, w = randomWeights(cfg, 41), V = cfg.vocabSize;
+  const rowBytes = 2 * cfg.numLayers * cfg.numKvHeads * cfg.headDim * 4; // K and V of one token, all layers
+  const m = new NativeModel(cfg, toTensors(cfg, w), { maxSequences: 3, maxContext: 150 });
+  const warm = m.createSequence();
+  m.forward([{ seq: warm, tokens: tokensOf(100, V, 42), adapter: -1 }]); // scratch for 100-token steps
+  const base = m.residentBytes();
+  const s = m.createSequence();
+  assert.equal(m.residentBytes(), base, "createSequence allocates nothing");
+  m.forward([{ seq: s, tokens: tokensOf(10, V, 43), adapter: -1 }]);
+  assert.equal(m.residentBytes() - base, 64 * rowBytes, "10 tokens: one 64-token chunk");
+  const toks = tokensOf(150, V, 44);
+  for (let n = 10; n < 64; n++) m.forward([{ seq: s, tokens: toks.subarray(n, n + 1), adapter: -1 }]);
+  assert.equal(m.residentBytes() - base, 64 * rowBytes, "64 tokens still fit the first chunk");
+  m.forward([{ seq: s, tokens: toks.subarray(64, 65), adapter: -1 }]);
+  assert.equal(m.residentBytes() - base, 128 * rowBytes, "the 65th token grows it by one 64-token chunk");
+  m.forward([{ seq: s, tokens: toks.subarray(65, 140), adapter: -1 }]);
+  assert.equal(m.residentBytes() - base, 150 * rowBytes, "capped at maxContext");
+  m.truncateSequence(s, 3);
+  assert.equal(m.residentBytes() - base, 150 * rowBytes, "truncate keeps the capacity");
+  m.dropSequence(s);
+  assert.equal(m.residentBytes(), base, "dropSequence releases it");
+  // crossEntropy's internal slot holds nothing once it returns (its vocab-chunk buffer stays)
+  m.crossEntropy(toks.subarray(0, 12), -1);
+  const afterCe = m.residentBytes();
+  m.crossEntropy(toks.subarray(0, 12), -1);
+  assert.equal(m.residentBytes(), afterCe);
+  assert.ok(afterCe - base < 64 * rowBytes, `crossEntropy keeps ${afterCe - base} bytes`);
+  m.dispose();
+});

@@ -2,9 +2,12 @@
  * Checkpoint → NativeModel.
  *
  * - Original checkpoints (F32/F16/BF16) with quant "nf4": every decoder-layer linear weight is
- *   quantized to NF4 as it is read (bitsandbytes `load_in_4bit`), one tensor at a time, so the
- *   full-precision model never exists in memory: the peak is the packed model plus one tensor.
- *   Embeddings, lm_head, norms and biases stay as stored (the engine takes f16/bf16 as is).
+ *   quantized to NF4 as it is read (bitsandbytes `load_in_4bit`), chunk by chunk through one
+ *   reused 4 MiB read buffer, so no full-precision tensor is ever in memory (nor left behind as
+ *   garbage for the GC): the load peak is the packed model plus that buffer.
+ *   Embeddings, lm_head, norms and biases stay as stored (the engine takes f16/bf16 as is), unless
+ *   `embeddings: "nf4"` (embed_tokens and an untied lm_head quantized the same way; OPT's
+ *   position embeddings stay as stored).
  * - Pre-quantized checkpoints (bitsandbytes layout written by `qlora quantize`): NF4 straight from
  *   disk, double quantization resolved to float32 absmax by the formats reader.
  * - quant "none": full precision as stored. A pre-quantized checkpoint has no full precision to
@@ -13,8 +16,19 @@
  */
 import { join } from "node:path";
 import { InvalidArgument, NotFound } from "@qlora/core";
-import { HfCheckpoint, expectedWeights, readJsonFile, type ModelConfig } from "@qlora/formats";
-import { NativeModel, dequantizeNf4, quantizeNf4, checkNf4Blocksize, resolveDevice, type Device, type DeviceRequest, type EngineConfig } from "@qlora/kernels";
+import { HfCheckpoint, KERNEL_DTYPE, expectedWeights, isFloatDtype, readJsonFile, type ModelConfig } from "@qlora/formats";
+import {
+  NativeModel,
+  dequantizeNf4,
+  quantizeNf4,
+  checkNf4Blocksize,
+  resolveDevice,
+  type DecodeMatmul,
+  type Device,
+  type DeviceRequest,
+  type EngineConfig,
+  type EngineOptions,
+} from "@qlora/kernels";
 import { engineConfigFor } from "./engine-config.js";
 import { loadTokenizer, type ModelTokenizer } from "./tokenizer.js";
 import { samplingDefaults } from "./sampling.js";
@@ -24,16 +38,29 @@ type EngineWeights = ConstructorParameters<typeof NativeModel>[1];
 type EngineTensor = EngineWeights[string];
 
 export type QuantMode = "nf4" | "none";
+/** embed_tokens / lm_head: "stored" as in the file, or "nf4" (quantized while loading). */
+export type EmbeddingsMode = "stored" | "nf4";
 
 export interface LoadModelOptions {
   /** "nf4" (default): decoder linears in NF4; "none": full precision. */
   quant?: QuantMode;
   /** NF4 block size when quantizing while loading (default 64, as bitsandbytes). */
   blocksize?: number;
+  /**
+   * "stored" (default): embed_tokens and lm_head as in the file. "nf4": both quantized to NF4
+   * (blocksize as above) while loading, so a tied lm_head GEMV reads 4-bit weights (Llama-3.2-1B:
+   * 525 MB BF16 → 148 MB); costs some accuracy (docs/model.md).
+   */
+  embeddings?: EmbeddingsMode;
   /** KV-cache slots (sequences decoded at the same time). */
   maxSequences?: number;
   /** Tokens per sequence (prompt + generated); default min(max_position_embeddings, 2048). */
   maxContext?: number;
+  /**
+   * Decode-step matmul over NF4 weights: "exact" (default) or "int8" (int8 activations, faster,
+   * ~1% relative error per output; see EngineOptions.decodeMatmul and docs/engine.md).
+   */
+  decodeMatmul?: DecodeMatmul;
   /**
    * "cpu" (default), "cuda" (FailedPrecondition with the reason when no GPU can be used) or "auto"
    * (cuda when available). Resolved before any weight is read; the result is LoadedModel.device.
@@ -66,6 +93,7 @@ export class LoadedModel {
     /** Token ids that end generation (config.json ∪ generation_config.json ∪ tokenizer eos). */
     readonly eosTokenIds: readonly number[],
     readonly stats: LoadStats,
+    readonly embeddings: EmbeddingsMode = "stored",
     /** Where the engine runs (the resolved LoadModelOptions.device). */
     readonly device: Device = "cpu",
   ) {}
@@ -84,7 +112,7 @@ export class LoadedModel {
     return samplingDefaults(this.generationConfig);
   }
 
-  /** Bytes the engine holds: weights, KV caches allocated so far, adapters, scratch. */
+  /** Bytes the engine holds: weights, KV caches as allocated now (they grow with the sequences), adapters, scratch. */
   residentBytes(): number {
     return this.native.residentBytes();
   }
@@ -116,10 +144,50 @@ function tensorBytes(t: EngineTensor): number {
   return t.data.byteLength + (t.absmax?.byteLength ?? 0);
 }
 
+/** Bytes of the read buffer that dense tensors stream through while being quantized. */
+const QUANTIZE_CHUNK_BYTES = 4 << 20;
+
+/**
+ * Reads a dense (F32/F16/BF16) tensor chunk by chunk into `chunk` and quantizes each chunk into
+ * its part of the packed result (NF4 blocks are independent, so this equals quantizing the whole
+ * tensor at once). Only the packed bytes and absmax are allocated. (Exported for tests.)
+ */
+export async function readQuantized(ck: HfCheckpoint, name: string, chunk: Uint8Array, blocksize: number): Promise<EngineTensor> {
+  const key = ck.hfName(name);
+  const info = ck.tensors.get(key);
+  if (!info) throw new NotFound(`${ck.dir}: no tensor ${key} (canonical ${name})`);
+  if (!isFloatDtype(info.dtype)) throw new InvalidArgument(`${ck.dir}: ${key} has dtype ${info.dtype}; weights must be F32, F16 or BF16`);
+  const dtype = KERNEL_DTYPE[info.dtype];
+  const es = dtype === "f32" ? 4 : 2;
+  const n = info.shape.reduce((a, b) => a * b, 1);
+  const packed = new Uint8Array(Math.ceil(n / 2));
+  const absmax = new Float32Array(Math.ceil(n / blocksize));
+  const per = Math.max(1, Math.floor(chunk.byteLength / es / blocksize)) * blocksize; // elements per chunk, whole blocks
+  if (per * es > chunk.byteLength) throw new InvalidArgument(`quantize chunk of ${chunk.byteLength} bytes is smaller than one block`);
+  for (let e0 = 0; e0 < n; e0 += per) {
+    const cn = Math.min(per, n - e0);
+    const src = chunk.subarray(0, cn * es);
+    await ck.weights.readRangeInto(key, e0 * es, src);
+    const p0 = e0 / 2, b0 = e0 / blocksize; // e0 is a multiple of the (even) blocksize
+    quantizeNf4(src, dtype, cn, blocksize, {
+      packed: packed.subarray(p0, p0 + Math.ceil(cn / 2)),
+      absmax: absmax.subarray(b0, b0 + Math.ceil(cn / blocksize)),
+    });
+  }
+  return { dtype: "nf4", shape: info.shape.slice(), data: packed, absmax, blocksize };
+}
+
 /** Load a Hugging Face checkpoint directory (see the file comment for the quant modes). */
 export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<LoadedModel> {
   const quant = options.quant ?? "nf4";
   if (quant !== "nf4" && quant !== "none") throw new InvalidArgument(`quant must be "nf4" or "none", got ${JSON.stringify(quant)}`);
+  const embeddings = options.embeddings ?? "stored";
+  if (embeddings !== "stored" && embeddings !== "nf4") {
+    throw new InvalidArgument(`embeddings must be "stored" or "nf4", got ${JSON.stringify(embeddings)}`);
+  }
+  if (options.decodeMatmul !== undefined && options.decodeMatmul !== "exact" && options.decodeMatmul !== "int8") {
+    throw new InvalidArgument(`decodeMatmul must be "exact" or "int8", got ${JSON.stringify(options.decodeMatmul)}`);
+  }
   const blocksize = options.blocksize ?? 64;
   checkNf4Blocksize(blocksize);
   if (options.device !== undefined && !["auto", "cpu", "cuda"].includes(options.device)) {
@@ -145,6 +213,10 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   try {
     engineConfig = engineConfigFor(ck.config);
     const linear = new Set(ck.linearWeights());
+    // what is quantized while loading (when stored dense): the linears, and with embeddings "nf4"
+    // the token embedding and an untied lm_head (never OPT's position embeddings)
+    const toNf4 = (name: string) => (quant === "nf4" && linear.has(name)) || (embeddings === "nf4" && (name === "embed_tokens" || name === "lm_head"));
+    let chunk: Uint8Array | null = null; // allocated on first use, reused for every tensor
     const weights: EngineWeights = {};
     let nf4Tensors = 0;
     let weightBytes = 0;
@@ -152,18 +224,20 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
       // A tied lm_head is embed_tokens; a stored copy (OPT files carry one) is not read.
       if (name === "lm_head" && engineConfig.tiedEmbeddings) continue;
       if (!expected.required && !ck.has(name)) continue;
-      let t: EngineTensor = await ck.readWeight(name);
-      if (t.dtype === "nf4") {
+      let t: EngineTensor;
+      if (toNf4(name) && !ck.isQuantized(name)) {
+        chunk ??= new Uint8Array(QUANTIZE_CHUNK_BYTES);
+        t = await readQuantized(ck, name, chunk, blocksize);
+      } else {
+        t = await ck.readWeight(name);
+      }
+      if (t.dtype === "nf4" && !toNf4(name)) {
+        // NF4 on disk (bitsandbytes) but full precision wanted (quant "none")
         if (quant === "none") {
           const n = t.shape.reduce((a, b) => a * b, 1);
           const dense = dequantizeNf4(t.data, t.absmax!, n, t.blocksize!);
           t = { dtype: "f32", shape: t.shape, data: new Uint8Array(dense.buffer, dense.byteOffset, dense.byteLength) };
         }
-      } else if (quant === "nf4" && linear.has(name)) {
-        const n = t.shape.reduce((a, b) => a * b, 1);
-        const q = quantizeNf4(t.data, t.dtype, n, blocksize);
-        // The dense bytes are dropped here: only the packed copy outlives this iteration.
-        t = { dtype: "nf4", shape: t.shape, data: q.packed, absmax: q.absmax, blocksize };
       }
       if (t.dtype === "nf4") nf4Tensors++;
       weightBytes += tensorBytes(t);
@@ -174,8 +248,9 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     if (!Number.isSafeInteger(maxContext) || maxContext < 2 || maxContext > maxPos) {
       throw new InvalidArgument(`maxContext must be an integer in 2..${maxPos} (max_position_embeddings), got ${maxContext}`);
     }
-    const engineOptions: { maxContext: number; maxSequences?: number; device: Device } = { maxContext, device };
+    const engineOptions: EngineOptions = { maxContext, device };
     if (options.maxSequences !== undefined) engineOptions.maxSequences = options.maxSequences;
+    if (options.decodeMatmul !== undefined) engineOptions.decodeMatmul = options.decodeMatmul;
     native = new NativeModel(engineConfig, weights, engineOptions);
     stats = {
       source: ck.prequantized ? "prequantized" : quant === "nf4" ? "quantized-on-load" : "dense",
@@ -193,5 +268,5 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     ...(tokenizer.eosTokenId !== null ? [tokenizer.eosTokenId] : []),
   ]);
   stats.loadMs = performance.now() - t0;
-  return new LoadedModel(dir, ck.config, engineConfig, native, tokenizer, quant, generationConfig, [...eos], stats, device);
+  return new LoadedModel(dir, ck.config, engineConfig, native, tokenizer, quant, generationConfig, [...eos], stats, embeddings, device);
 }

@@ -33,9 +33,9 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import { readFile, stat } from "node:fs/promises";
-import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError, type ContextValues, type Interceptor } from "@connectrpc/connect";
 import { InvalidArgument } from "@qlora/core";
-import { requestInfoKey } from "./context.js";
+import { requestInfoKey, type RequestInfo } from "./context.js";
 
 export interface TokenQuota {
   maxConcurrent?: number;
@@ -450,6 +450,76 @@ export function checkResources(p: Principal, rpc: string, r: Resources | undefin
   for (const m of r.models ?? []) if (m || DEFAULT_MODEL_RPCS.has(rpc)) p.checkResource("model", m);
 }
 
+// ---- what a caller may see -------------------------------------------------------------------
+//
+// List and Get RPCs show a token only the items it may use: an item is visible when every name it
+// carries (its model, adapter, dataset; for a job, what its CreateJob request named) matches the
+// token's globs, the same predicate the request checks apply (empty names are skipped: they
+// restrict nothing). Without auth (no principal) everything is visible.
+
+const VISIBLE_KINDS = [
+  ["adapters", "adapter"],
+  ["models", "model"],
+  ["datasets", "dataset"],
+] as const;
+
+/**
+ * What a training job names, for visibility: what its CreateJob request named (base model,
+ * datasets, output adapter), by the rule CreateJob is checked with: a token sees the jobs it could
+ * have created. `job` is a qlora.v1.Job (or anything with its `request`).
+ */
+export function jobResources(job: { request?: unknown }): Resources {
+  return resourcesOf("qlora.v1.TrainerService/CreateJob", job.request) ?? {};
+}
+
+/** Whether `p` may see an item naming these resources (always, when auth is off). */
+export function maySee(p: Principal | undefined, r: Resources): boolean {
+  if (!p) return true;
+  for (const [key, kind] of VISIBLE_KINDS) {
+    for (const name of r[key] ?? []) if (name && !p.allowed(kind, name)) return false;
+  }
+  return true;
+}
+
+/**
+ * A Get of an item the token may not see. PERMISSION_DENIED like the request checks (which
+ * refuse a name before looking it up); the auth interceptor records it as a refusal.
+ */
+export class NotVisibleError extends ConnectError {
+  constructor(p: Principal, what: string, r: Resources) {
+    const outside: string[] = [];
+    for (const [key, kind] of VISIBLE_KINDS) {
+      for (const name of r[key] ?? []) if (name && !p.allowed(kind, name)) outside.push(`${kind} "${name}"`);
+    }
+    super(`token "${p.name}" may not see ${what}: it uses ${outside.join(", ")}`, Code.PermissionDenied);
+    notVisibleErrors.add(this);
+  }
+
+  // ConnectError's own hasInstance accepts any ConnectError (it matches by name across copies of
+  // the library), which would make every error look like this one: recognise our instances only.
+  static override [Symbol.hasInstance](v: unknown): boolean {
+    return typeof v === "object" && v !== null && notVisibleErrors.has(v);
+  }
+}
+const notVisibleErrors = new WeakSet<object>();
+
+/** The authenticated caller of an RPC handler or HTTP route (undefined when auth is off or the call is public). */
+export function callerOf(source: { values: ContextValues } | RequestInfo | undefined): Principal | undefined {
+  const info = source && "values" in source ? source.values.get(requestInfoKey) : source;
+  const p = info?.principal;
+  return p instanceof Principal ? p : undefined;
+}
+
+/** The items of a list the caller may see (all of them when auth is off). */
+export function visibleOnly<T>(p: Principal | undefined, items: readonly T[], resourcesOfItem: (item: T) => Resources): T[] {
+  return p ? items.filter((item) => maySee(p, resourcesOfItem(item))) : [...items];
+}
+
+/** Throws PERMISSION_DENIED (NotVisibleError) unless the caller may see the item. */
+export function checkVisible(p: Principal | undefined, what: string, r: Resources): void {
+  if (p && !maySee(p, r)) throw new NotVisibleError(p, what, r);
+}
+
 /** `usage.totalTokens` (or prompt + completion) of a response message, 0 when it has none. */
 export function usageTokensOf(message: unknown): number {
   const u = (message as { usage?: { totalTokens?: unknown; promptTokens?: unknown; completionTokens?: unknown } } | null)?.usage;
@@ -529,11 +599,17 @@ export function authInterceptor(auth: Authenticator, events: AuthEvents = {}): I
       request = { ...req, message: checked() };
     }
 
+    // A handler that finds the caller may not see what it asked for (NotVisibleError) refused the
+    // call as surely as the checks above: it is reported the same way.
+    const reportHidden = (e: unknown) => {
+      if (e instanceof NotVisibleError) events.onRefused?.({ rpc, reason: "permission_denied", principal: p.name, message: e.rawMessage });
+    };
     let res;
     try {
       res = await next(request);
     } catch (e) {
       release();
+      reportHidden(e);
       throw e;
     }
     if (!res.stream) {
@@ -548,6 +624,9 @@ export function authInterceptor(auth: Authenticator, events: AuthEvents = {}): I
           p.recordTokens(usageTokensOf(m));
           yield m;
         }
+      } catch (e) {
+        reportHidden(e);
+        throw e;
       } finally {
         release();
       }

@@ -40,6 +40,12 @@ export interface RequestInfo {
   readonly clientCertSubject?: string;
   /** Set by the auth interceptor once the caller is known. */
   principal?: PrincipalLike;
+  /**
+   * The RPC being served ("package.Service/Method"; HTTP routes: the RPC they stand for), set
+   * when the server dispatches the request: work done on its behalf later (an adapter loaded for
+   * it) is recorded under it.
+   */
+  rpc?: string;
 }
 
 export const requestInfoKey = createContextKey<RequestInfo | undefined>(undefined, { description: "qlora request info" });

@@ -288,6 +288,7 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
   const accessLog: Interceptor = (next) => async (req) => {
     const info = req.contextValues.get(requestInfoKey);
     const rpc = `${req.service.typeName}/${req.method.name}`;
+    if (info) info.rpc = rpc;
     const fields = () => ({ rpc, ...requestLogFields(info), duration_ms: info ? Date.now() - info.startedAt : undefined });
     return nextWithOutcome(next, req, (e) => {
       if (e === null) log.info("rpc", { ...fields(), code: "ok" });
@@ -374,6 +375,7 @@ export async function startServer(options: StartServerOptions): Promise<RunningS
     let release: () => void = () => {};
     let principal: Principal | undefined;
     const rpcName = typeof route.rpc === "function" ? route.rpc({ method, subpath }) : (route.rpc ?? `qlora.http/${route.path}`);
+    info.rpc = rpcName;
     try {
       if (auth && !route.public && !auth.isPublic(rpcName)) {
         const refuse = (e: ConnectError, reason: "unauthenticated" | "permission_denied" | "resource_exhausted"): never => {

@@ -8,7 +8,9 @@
  */
 import { Worker } from "node:worker_threads";
 import { QloraError, ResourceExhausted, type ErrorCode } from "@qlora/core";
+import { currentRequest, type RequestInfo } from "@qlora/rpc";
 import type {
+  AdapterEvent,
   CallRequest,
   CallResult,
   DoneEvent,
@@ -29,6 +31,12 @@ export interface EngineClientOptions extends EngineOptions {
   maxQueue: number;
   /** Told when a base model starts/ends loading (drives the health status). */
   onModelState?: (name: string, quant: QuantMode, state: "loading" | "ready" | "failed") => void;
+  /**
+   * Told when the engine loads an adapter on its own (a request named one that was not resident)
+   * or evicts one; `origin` is the request that started the load (its ids, caller and RPC), when
+   * it was made while serving one.
+   */
+  onAdapterEvent?: (event: AdapterEvent, origin: RequestInfo | undefined) => void;
 }
 
 interface PendingCall {
@@ -82,6 +90,8 @@ export class EngineClient {
   private nextId = 1;
   private readonly calls = new Map<number, PendingCall>();
   private readonly streams = new Map<number, EventStream>();
+  /** The request each engine id serves, while it is in the worker (for adapter events). */
+  private readonly origins = new Map<number, RequestInfo>();
   private closed = false;
 
   constructor(private readonly options: EngineClientOptions) {}
@@ -99,8 +109,10 @@ export class EngineClient {
   async call<K extends CallRequest["op"]>(
     request: Extract<CallRequest, { op: K }>,
   ): Promise<Extract<CallResult, { op: K }>> {
+    const origin = currentRequest();
     await this.ensureWorker();
     const id = this.nextId++;
+    if (origin && this.options.onAdapterEvent) this.origins.set(id, origin);
     return new Promise<Extract<CallResult, { op: K }>>((resolve, reject) => {
       this.calls.set(id, { resolve: resolve as (r: CallResult) => void, reject });
       this.post({ type: "call", id, request });
@@ -121,14 +133,18 @@ export class EngineClient {
     const stream = new EventStream();
     // Registered before the first await so concurrent arrivals see each other in inflight.
     this.streams.set(id, stream);
+    const origin = currentRequest();
+    if (origin && this.options.onAdapterEvent) this.origins.set(id, origin);
     try {
       await this.ensureWorker();
     } catch (e) {
       this.streams.delete(id);
+      this.origins.delete(id);
       throw e;
     }
     if (signal?.aborted) {
       this.streams.delete(id);
+      this.origins.delete(id);
       throw signal.reason;
     }
     const onAbort = () => {
@@ -142,6 +158,7 @@ export class EngineClient {
         try {
           yield* stream;
         } finally {
+          self.origins.delete(id);
           signal?.removeEventListener("abort", onAbort);
           // Still registered: the consumer stopped before "done" (client gone, write failed);
           // the sequence must not keep running in the worker.
@@ -170,7 +187,7 @@ export class EngineClient {
   private ensureWorker(): Promise<void> {
     if (this.closed) return Promise.reject(new QloraError("UNAVAILABLE", "the inference engine is shut down"));
     if (this.ready) return this.ready;
-    const { maxQueue: _q, onModelState: _m, ...engineOptions } = this.options;
+    const { maxQueue: _q, onModelState: _m, onAdapterEvent: _a, ...engineOptions } = this.options;
     const worker = new Worker(new URL("./worker/main.js", import.meta.url), { workerData: engineOptions });
     this.worker = worker;
     this.ready = new Promise<void>((resolve, reject) => {
@@ -194,6 +211,7 @@ export class EngineClient {
       case "result": {
         const c = this.calls.get(m.id);
         this.calls.delete(m.id);
+        this.origins.delete(m.id);
         c?.resolve(m.result);
         break;
       }
@@ -201,11 +219,13 @@ export class EngineClient {
         const c = this.calls.get(m.id);
         if (c) {
           this.calls.delete(m.id);
+          this.origins.delete(m.id);
           c.reject(errorFromWorker(m.error));
           break;
         }
         const s = this.streams.get(m.id);
         this.streams.delete(m.id);
+        this.origins.delete(m.id);
         s?.fail(errorFromWorker(m.error));
         break;
       }
@@ -216,6 +236,7 @@ export class EngineClient {
         for (const d of m.done) {
           const s = this.streams.get(d.id);
           this.streams.delete(d.id);
+          this.origins.delete(d.id);
           s?.push({ kind: "done", finishReason: d.finishReason, usage: d.usage, timings: d.timings });
         }
         break;
@@ -223,6 +244,13 @@ export class EngineClient {
       case "modelState":
         this.options.onModelState?.(m.name, m.quant, m.state);
         break;
+      case "adapterEvent": {
+        // The worker posts the event before the answer of the request that started the load, so
+        // that request's origin is still known here.
+        const t = m.event.trigger;
+        this.options.onAdapterEvent?.(m.event, t === null ? undefined : this.origins.get(t));
+        break;
+      }
       case "ready":
         break;
     }
@@ -238,5 +266,6 @@ export class EngineClient {
     this.calls.clear();
     for (const s of this.streams.values()) s.fail(err);
     this.streams.clear();
+    this.origins.clear();
   }
 }

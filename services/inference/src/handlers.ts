@@ -21,6 +21,7 @@ import {
   type GenerateRequest,
   type LoadedModel,
 } from "@qlora/proto";
+import { callerOf, visibleOnly } from "@qlora/rpc";
 import type { EngineClient, GenerateEvent } from "./engine-client.js";
 import type {
   FinishReasonName,
@@ -205,7 +206,7 @@ export function inferenceHandlers(deps: HandlerDeps): ServiceImpl<typeof Inferen
     if (req.stop.length > MAX_STOP_STRINGS) throw new InvalidArgument(`at most ${MAX_STOP_STRINGS} stop strings`);
     if (req.stop.some((s) => s.length === 0)) throw new InvalidArgument("stop strings must be non-empty");
     const sampling = validateSampling(req);
-    const adapter = req.adapter ? await store.adapter(req.adapter) : null;
+    const adapter = req.adapter ? await store.servableAdapter(req.adapter) : null;
     const model = await resolveModel(req.model, adapter, req.quant);
     return {
       model,
@@ -281,7 +282,7 @@ export function inferenceHandlers(deps: HandlerDeps): ServiceImpl<typeof Inferen
 
     async score(req, ctx) {
       if (req.texts.length === 0) throw new InvalidArgument("texts is empty");
-      const adapter = req.adapter ? await store.adapter(req.adapter) : null;
+      const adapter = req.adapter ? await store.servableAdapter(req.adapter) : null;
       const model = await resolveModel(req.model, adapter, req.quant);
       const { result } = await engine.call({
         op: "score",
@@ -297,7 +298,7 @@ export function inferenceHandlers(deps: HandlerDeps): ServiceImpl<typeof Inferen
 
     async loadAdapter(req) {
       if (!req.name) throw new InvalidArgument("name is required");
-      const adapter = await store.adapter(req.name);
+      const adapter = await store.servableAdapter(req.name);
       const ref = await resolveModel(req.model, adapter, Quantization.UNSPECIFIED);
       // The adapter goes into every loaded variant (nf4 / none) of the base; if none is loaded,
       // the default (NF4) variant is loaded.
@@ -318,7 +319,7 @@ export function inferenceHandlers(deps: HandlerDeps): ServiceImpl<typeof Inferen
       return {};
     },
 
-    async listAdapters() {
+    async listAdapters(_req, ctx) {
       const resident = await residentAdapters();
       const byName = new Map<string, ResidentAdapterInfo>();
       // One entry per name: the current (not unloading) copy, else the most recent one.
@@ -336,7 +337,8 @@ export function inferenceHandlers(deps: HandlerDeps): ServiceImpl<typeof Inferen
       }
       // Resident but gone from the store (deleted after loading): still listed, it still serves.
       for (const r of byName.values()) if (!r.unloading) adapters.push(adapterMsg(null, r));
-      return { adapters };
+      // Only what the caller's token may use (LoadAdapter/Generate check the same globs).
+      return { adapters: visibleOnly(callerOf(ctx), adapters, (a) => ({ adapters: [a.name] })) };
     },
 
     async loadModel(req) {
@@ -346,9 +348,9 @@ export function inferenceHandlers(deps: HandlerDeps): ServiceImpl<typeof Inferen
       return { model: loadedModelMsg(model) };
     },
 
-    async listLoadedModels() {
+    async listLoadedModels(_req, ctx) {
       const { models } = await engine.call({ op: "listModels" });
-      return { models: models.map(loadedModelMsg) };
+      return { models: visibleOnly(callerOf(ctx), models, (m) => ({ models: [m.name] })).map(loadedModelMsg) };
     },
   };
 }

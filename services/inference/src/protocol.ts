@@ -4,6 +4,10 @@
  * functions. The main thread resolves names to store directories; the worker does all model work.
  */
 import type { ErrorCode } from "@qlora/core";
+import type { DecodeMatmul } from "@qlora/kernels";
+import type { EmbeddingsMode } from "@qlora/model";
+
+export type { DecodeMatmul, EmbeddingsMode };
 
 export type QuantMode = "nf4" | "none";
 
@@ -162,6 +166,29 @@ export interface DoneEvent {
   timings: TimingInfo;
 }
 
+/**
+ * What the engine did with adapters on its own, for the audit log: a load it started because a
+ * request named an adapter that was not resident (once per load, however many requests waited
+ * for it), or an eviction to stay within the adapter budget.
+ */
+export interface AdapterEvent {
+  kind: "load" | "evict";
+  name: string;
+  /** The base model (and variant) whose cache it is. */
+  model: string;
+  quant: QuantMode;
+  /** Store directory the adapter was read from. */
+  dir: string;
+  sha256: string;
+  bytes: number;
+  rank: number;
+  loadMs: number;
+  /** A load that failed (nothing was installed). */
+  error?: SerializedError;
+  /** The engine id (generate or call) of the request that started the load; null for evictions. */
+  trigger: number | null;
+}
+
 export type FromWorker =
   | { type: "ready" }
   | { type: "result"; id: number; result: CallResult }
@@ -171,7 +198,8 @@ export type FromWorker =
    * one postMessage per step keeps the per-token overhead off both threads.
    */
   | { type: "step"; tokens: TokenEvent[]; done: DoneEvent[] }
-  | { type: "modelState"; name: string; quant: QuantMode; state: "loading" | "ready" | "failed" };
+  | { type: "modelState"; name: string; quant: QuantMode; state: "loading" | "ready" | "failed" }
+  | { type: "adapterEvent"; event: AdapterEvent };
 
 /** Options of the engine worker (workerData). */
 export interface EngineOptions {
@@ -187,4 +215,8 @@ export interface EngineOptions {
   threads: number;
   /** Where base models are loaded (resolved by the caller: "auto" never reaches the worker). */
   device: "cpu" | "cuda";
+  /** Decode-step NF4 matmul of the models it loads (default "exact"; @qlora/kernels EngineOptions). */
+  decodeMatmul?: DecodeMatmul;
+  /** embed_tokens / lm_head of the models it loads: "stored" (default) or "nf4" (@qlora/model LoadModelOptions). */
+  embeddings?: EmbeddingsMode;
 }

@@ -2,12 +2,19 @@
  * What the inference service reads from the artifact store: model and adapter directories by
  * name, adapter metadata (adapter_config.json) and the rule that an adapter belongs to a base.
  *
- * Only small JSON files are read here (on the event loop, async); weights are read by the
- * engine worker.
+ * Only small JSON files and safetensors headers are read here (on the event loop, async); weights
+ * are read by the engine worker.
+ *
+ * Adapter limits: before an adapter is handed to the engine (LoadAdapter, or a Generate/Score that
+ * names it), its rank (adapter_config.json `r` and `rank_pattern`, and the shapes of the lora_A /
+ * lora_B tensors in the safetensors header) and its file size are checked against the server's
+ * limits, so an oversized or corrupted adapter is refused (INVALID_ARGUMENT) before any tensor
+ * data is read and before the engine serving the base model is touched.
  */
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { FailedPrecondition, InvalidArgument, NotFound, errorMessage } from "@qlora/core";
+import { ADAPTER_WEIGHTS, SafetensorsFile } from "@qlora/formats";
 import type { ArtifactStore as StoreApi } from "@qlora/store";
 
 /** The parts of libs/store's ArtifactStore this service uses (LocalStore implements them). */
@@ -26,6 +33,8 @@ export interface StoredAdapter {
   /** adapter_config.json base_model_name_or_path ("" when absent). */
   baseModel: string;
   lora: StoredLora;
+  /** The largest rank adapter_config.json declares: `r` and any `rank_pattern` value. */
+  maxConfiguredRank: number;
   sizeBytes: number;
   /** sha256 of adapter_model.safetensors from the store's manifest ("" without one). */
   sha256: string;
@@ -38,8 +47,36 @@ export function baseName(ref: string): string {
   return parts[parts.length - 1] ?? "";
 }
 
+/** What an adapter may ask of the engine (`qlora serve --max-adapter-rank / --max-adapter-bytes`). */
+export interface AdapterLimits {
+  /** Largest LoRA rank of any module (default 256). */
+  maxRank: number;
+  /** Largest adapter_model.safetensors, in bytes (default 1 GiB). */
+  maxBytes: number;
+}
+
+export const DEFAULT_ADAPTER_LIMITS: AdapterLimits = { maxRank: 256, maxBytes: 1024 ** 3 };
+
+/**
+ * lora_A / lora_B weight names (PEFT's, as libs/formats reads them): A is [r, in], B is [out, r].
+ * Other tensors are left to the loader, which refuses them.
+ */
+const LORA_TENSOR = /\.lora_(A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$/;
+
 export class StoreAccess {
-  constructor(private readonly store: ArtifactStore) {}
+  readonly limits: AdapterLimits;
+  /** Weights files whose header passed the limits, by path → size/mtime/inode when checked. */
+  private readonly headersChecked = new Map<string, string>();
+
+  constructor(
+    private readonly store: ArtifactStore,
+    limits: Partial<AdapterLimits> = {},
+  ) {
+    this.limits = { ...DEFAULT_ADAPTER_LIMITS, ...limits };
+    for (const [k, v] of Object.entries(this.limits)) {
+      if (!Number.isSafeInteger(v) || v < 1) throw new InvalidArgument(`adapter limit ${k} must be a positive integer, got ${v}`);
+    }
+  }
 
   async modelDir(name: string): Promise<string> {
     if (!(await this.store.exists("models", name))) throw new NotFound(`model ${name} is not in the store`);
@@ -82,9 +119,12 @@ export class StoreAccess {
     const { meta, sha } = await this.meta("adapters", name);
     const r = typeof cfg.r === "number" ? cfg.r : 8;
     const targets = cfg.target_modules;
+    const pattern = cfg.rank_pattern && typeof cfg.rank_pattern === "object" ? Object.values(cfg.rank_pattern as object) : [];
+    const maxConfiguredRank = Math.max(r, ...pattern.filter((v): v is number => typeof v === "number"));
     return {
       name,
       dir,
+      maxConfiguredRank,
       baseModel: typeof cfg.base_model_name_or_path === "string" ? cfg.base_model_name_or_path : "",
       lora: {
         rank: r,
@@ -96,6 +136,48 @@ export class StoreAccess {
       sha256: sha.get("adapter_model.safetensors") ?? "",
       jobId: meta.job_id ?? "",
     };
+  }
+
+  /**
+   * An adapter the engine may load: `adapter(name)` plus the limits (INVALID_ARGUMENT naming the
+   * limit and the value). The safetensors header is read (and validated) only when the file
+   * changed since it last passed, so requests for a known adapter cost one stat.
+   */
+  async servableAdapter(name: string): Promise<StoredAdapter> {
+    const a = await this.adapter(name);
+    const { maxRank, maxBytes } = this.limits;
+    if (a.maxConfiguredRank > maxRank) {
+      throw new InvalidArgument(`adapter ${name}: LoRA rank ${a.maxConfiguredRank} (adapter_config.json) is above this server's limit of ${maxRank} (max adapter rank)`);
+    }
+    const path = join(a.dir, ADAPTER_WEIGHTS);
+    const st = await stat(path);
+    const stamp = `${st.size}:${st.mtimeMs}:${st.ino}`;
+    if (this.headersChecked.get(path) === stamp) return a;
+    if (st.size > maxBytes) {
+      throw new InvalidArgument(`adapter ${name}: ${ADAPTER_WEIGHTS} has ${st.size} bytes, above this server's limit of ${maxBytes} bytes (max adapter bytes)`);
+    }
+    // The header alone (validated: dtypes, shapes, offsets that tile the file); no tensor data.
+    const file = await SafetensorsFile.open(path);
+    let tensorRank = 0;
+    let where = "";
+    try {
+      for (const [key, t] of file.tensors) {
+        const m = LORA_TENSOR.exec(key);
+        if (!m || t.shape.length !== 2) continue;
+        const r = m[1] === "A" ? t.shape[0]! : t.shape[1]!;
+        if (r > tensorRank) {
+          tensorRank = r;
+          where = key;
+        }
+      }
+    } finally {
+      await file.close();
+    }
+    if (tensorRank > maxRank) {
+      throw new InvalidArgument(`adapter ${name}: LoRA rank ${tensorRank} (${where} in ${ADAPTER_WEIGHTS}) is above this server's limit of ${maxRank} (max adapter rank)`);
+    }
+    this.headersChecked.set(path, stamp);
+    return a;
   }
 
   async listAdapters(): Promise<StoredAdapter[]> {

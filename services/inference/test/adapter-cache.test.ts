@@ -5,7 +5,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ResourceExhausted, InvalidArgument } from "@qlora/core";
-import { AdapterCache, type AdapterBackend } from "../src/worker/adapter-cache.js";
+import { AdapterCache, type AdapterBackend, type AdapterCacheEvent } from "../src/worker/adapter-cache.js";
 import type { AdapterRef } from "../src/protocol.js";
 
 interface Files {
@@ -195,4 +195,38 @@ test("a failing engine install keeps the previous copy serving", async () => {
   engine.install = install;
   assert.equal(cache.tryAcquire("a"), first);
   assert.equal(engine.slots.size, 1);
+});
+
+test("events: one per load the cache starts itself (shared reads, failures), evictions; none for hits or explicit loads", async () => {
+  let t = 0;
+  const engine = new FakeEngine(
+    new Map(Object.entries({ a: { bytes: 100, sha256: "a1" }, b: { bytes: 100, sha256: "b1" }, c: { bytes: 100, sha256: "c1" }, bad: { bytes: 1, sha256: "x", fail: new InvalidArgument("broken adapter") } })),
+  );
+  engine.delayMs = 5;
+  const events: AdapterCacheEvent[] = [];
+  const cache = new AdapterCache(engine, 200, { name: "m", quant: "nf4" }, () => ++t, (e) => events.push(e));
+  const summary = () => events.map((e) => (e.kind === "evicted" ? `evicted ${e.entry.name}` : `${e.kind} ${e.ref.name} by ${e.trigger}`));
+
+  // Three requests for one cold adapter share one read: one event, naming the first.
+  await Promise.all([cache.ensure(ref("a"), 1), cache.ensure(ref("a"), 2), cache.acquire(ref("a"), 3).then((e) => cache.release(e))]);
+  assert.equal(engine.reads, 1);
+  assert.deepEqual(summary(), ["loaded a by 1"]);
+  // Resident: no event.
+  await cache.ensure(ref("a"), 4);
+  assert.deepEqual(summary(), ["loaded a by 1"]);
+  // A failing read: one event for the requests that shared it.
+  const failed = await Promise.allSettled([cache.ensure(ref("bad"), 5), cache.ensure(ref("bad"), 6)]);
+  assert.ok(failed.every((r) => r.status === "rejected"));
+  assert.equal(events.length, 2);
+  const f = events[1]!;
+  assert.ok(f.kind === "loadFailed" && f.trigger === 5 && f.error instanceof InvalidArgument);
+  // An explicit load is audited as its RPC, not here.
+  await cache.load(ref("b"));
+  cache.endStep();
+  assert.equal(events.length, 2);
+  // c does not fit next to a and b: the least recently used idle one (a) is evicted for it.
+  await cache.ensure(ref("c"), 7);
+  assert.deepEqual(summary().slice(2), ["evicted a", "loaded c by 7"]);
+  const loaded = events[3]!;
+  assert.ok(loaded.kind === "loaded" && loaded.entry.bytes === 100 && loaded.ref.dir === "/store/adapters/c");
 });

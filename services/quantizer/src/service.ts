@@ -20,7 +20,7 @@ import {
   type QuantizeProgress as QuantizeProgressMsg,
   type QuantizeRequest,
 } from "@qlora/proto";
-import { defineService, receiveUpload, type ServiceRegistration } from "@qlora/rpc";
+import { callerOf, defineService, receiveUpload, visibleOnly, type ServiceRegistration } from "@qlora/rpc";
 import { MANIFEST_FILE, validateName, validateRelativePath, type ArtifactStore } from "@qlora/store";
 import { describeModel, type ModelDescription, type QuantizeProgress } from "./quantize.js";
 import { runQuantizeWorker, type WorkerSettings } from "./worker-client.js";
@@ -291,9 +291,10 @@ export function quantizerService(store: ArtifactStore, options: QuantizerService
         return { model: await describe(req.name) };
       },
 
-      async listModels() {
+      async listModels(_req, ctx) {
         const models: Model[] = [];
-        for (const name of await store.list("models")) {
+        // Only the models the caller's token may use (GetModel of another is PERMISSION_DENIED).
+        for (const name of visibleOnly(callerOf(ctx), await store.list("models"), (n) => ({ models: [n] }))) {
           try {
             models.push(await describe(name));
           } catch (e) {

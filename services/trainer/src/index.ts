@@ -1,4 +1,4 @@
-export { trainerService, type TrainerServiceOptions, type TrainerServiceHandle, type RunnerRef } from "./service.js";
+export { trainerService, DEFAULT_MAX_LORA_RANK, type TrainerServiceOptions, type TrainerServiceHandle, type RunnerRef } from "./service.js";
 export * from "./job-store.js";
 export { SqliteJobStore, type SqliteJobStoreOptions } from "./sqlite-store.js";
 export { JobManager, checkpointArtifactName, type JobManagerOptions } from "./jobs.js";

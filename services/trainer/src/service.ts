@@ -12,9 +12,10 @@ import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { AlreadyExists, FailedPrecondition, InvalidArgument, isQloraError, NotFound } from "@qlora/core";
 import { DatasetSchema, TrainerService, type Dataset } from "@qlora/proto";
-import { defineService, receiveUpload, type ServiceRegistration } from "@qlora/rpc";
+import { callerOf, checkVisible, defineService, jobResources, receiveUpload, visibleOnly, type ServiceRegistration } from "@qlora/rpc";
 import { validateName, type ArtifactStore } from "@qlora/store";
 import { create } from "@bufbuild/protobuf";
+import type { HandlerContext } from "@connectrpc/connect";
 import { datasetFormatOf, describeDataset, scanDataset } from "./datasets.js";
 import { fromProtoState, toCheckpointMessage, toJobMessage as convertJob, toWatchResponse } from "./convert.js";
 import type { JobStore } from "./job-store.js";
@@ -51,6 +52,12 @@ export interface TrainerServiceOptions {
   cancelWaitMs?: number;
   /** Largest UploadDataset (default 16 GiB). */
   maxUploadBytes?: number;
+  /**
+   * Largest LoRA rank a job may ask for (default 256, the inference service's default limit on
+   * adapters it serves, so that what is trained here can be served); beyond it CreateJob answers
+   * INVALID_ARGUMENT.
+   */
+  maxLoraRank?: number;
   /** Where operational messages go (default: stderr, prefixed "[trainer]"). */
   log?: (line: string) => void;
 }
@@ -65,6 +72,9 @@ export interface TrainerServiceHandle extends ServiceRegistration {
   /** Graceful stop (see JobManager.close); startServer calls it on close. */
   close(opts?: { abrupt?: boolean }): Promise<void>;
 }
+
+/** TrainerServiceOptions.maxLoraRank by default. */
+export const DEFAULT_MAX_LORA_RANK = 256;
 
 const DEFAULT_RUNNER = new URL("./runners/train.js", import.meta.url);
 
@@ -142,6 +152,8 @@ class Mutex {
 
 export function trainerService(opts: TrainerServiceOptions): TrainerServiceHandle {
   const { store } = opts;
+  const maxLoraRank = opts.maxLoraRank ?? DEFAULT_MAX_LORA_RANK;
+  if (!Number.isSafeInteger(maxLoraRank) || maxLoraRank < 1) throw new InvalidArgument(`maxLoraRank must be a positive integer, got ${maxLoraRank}`);
   const dataDir = resolve(opts.dataDir);
   const trainerDir = join(dataDir, "trainer");
   mkdirSync(trainerDir, { recursive: true });
@@ -175,6 +187,13 @@ export function trainerService(opts: TrainerServiceOptions): TrainerServiceHandl
     if (!job) throw new NotFound(`job "${id}" not found`);
     return job;
   };
+  /** getJob for a caller: PERMISSION_DENIED when its token may not see the job. */
+  const getVisibleJob = async (id: string, ctx: HandlerContext) => {
+    const job = await getJob(id);
+    const message = convertJob(job);
+    checkVisible(callerOf(ctx), `job "${id}"`, jobResources(message));
+    return { job, message };
+  };
 
   let markClosed: () => void = () => {};
   const closingSignal = new Promise<void>((r) => (markClosed = r));
@@ -187,6 +206,10 @@ export function trainerService(opts: TrainerServiceOptions): TrainerServiceHandl
     {
       async createJob(req) {
         const effective = withDefaults(req);
+        const rank = effective.lora?.rank ?? 0;
+        if (rank > maxLoraRank) {
+          throw new InvalidArgument(`lora.rank ${rank} is above this trainer's limit of ${maxLoraRank} (max adapter rank)`);
+        }
         await checkAgainstStore(store, effective);
         const id = newJobId();
         effective.outputAdapter ||= id;
@@ -204,18 +227,18 @@ export function trainerService(opts: TrainerServiceOptions): TrainerServiceHandl
         return { job: convertJob(job) };
       },
 
-      async getJob(req) {
-        return { job: convertJob(await getJob(req.id)) };
+      async getJob(req, ctx) {
+        return { job: (await getVisibleJob(req.id, ctx)).message };
       },
 
-      async listJobs(req) {
+      async listJobs(req, ctx) {
         const state = fromProtoState(req.state);
         const list = await jobs.list(state ? { states: [state] } : {});
-        return { jobs: list.map(convertJob) };
+        return { jobs: visibleOnly(callerOf(ctx), list.map(convertJob), jobResources) };
       },
 
-      async cancelJob(req) {
-        await getJob(req.id);
+      async cancelJob(req, ctx) {
+        await getVisibleJob(req.id, ctx);
         const { job, outcome } = await manager.cancel(req.id);
         if (outcome === "final" && job.state !== "cancelled") {
           throw new FailedPrecondition(`job "${req.id}" already ${job.state}; only queued or running jobs can be cancelled`);
@@ -225,12 +248,14 @@ export function trainerService(opts: TrainerServiceOptions): TrainerServiceHandl
 
       async *watchJob(req, ctx) {
         if (!req.id) throw new InvalidArgument("id is required");
+        // Without auth the watch itself reports a missing job; with auth the job must be visible.
+        if (callerOf(ctx)) await getVisibleJob(req.id, ctx);
         for await (const e of manager.watch(req.id, ctx.signal)) yield toWatchResponse(e);
       },
 
-      async listCheckpoints(req) {
+      async listCheckpoints(req, ctx) {
         if (!req.jobId) throw new InvalidArgument("job_id is required");
-        await getJob(req.jobId);
+        await getVisibleJob(req.jobId, ctx);
         return { checkpoints: (await jobs.listCheckpoints(req.jobId)).map(toCheckpointMessage) };
       },
 
@@ -274,9 +299,9 @@ export function trainerService(opts: TrainerServiceOptions): TrainerServiceHandl
         }
       },
 
-      async listDatasets() {
+      async listDatasets(_req, ctx) {
         const datasets: Dataset[] = [];
-        for (const name of await store.list("datasets")) {
+        for (const name of visibleOnly(callerOf(ctx), await store.list("datasets"), (n) => ({ datasets: [n] }))) {
           try {
             datasets.push(await describeDataset(store, name));
           } catch (e) {

@@ -28,11 +28,7 @@ double sumSquares(const float* g, int64_t n) {
 
 namespace {
 
-struct Scalars {
-  float clip, decay, oneMinusB1, b2, oneMinusB2, stepSize, bc2Sqrt, eps;
-};
-
-inline void updateScalar(float* p, float* g, float* m, float* v, int64_t b, int64_t e, const Scalars& s) {
+inline void updateScalar(float* p, float* g, float* m, float* v, int64_t b, int64_t e, const AdamWScalars& s) {
   for (int64_t i = b; i < e; ++i) {
     const float gi = g[i] * s.clip;
     float pi = p[i] * s.decay;
@@ -48,7 +44,7 @@ inline void updateScalar(float* p, float* g, float* m, float* v, int64_t b, int6
 }
 
 #if QK_X86
-__attribute__((target("avx2"))) void updateAvx2(float* p, float* g, float* m, float* v, int64_t n, const Scalars& s) {
+__attribute__((target("avx2"))) void updateAvx2(float* p, float* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
   const __m256 clip = _mm256_set1_ps(s.clip), decay = _mm256_set1_ps(s.decay), omb1 = _mm256_set1_ps(s.oneMinusB1),
                b2 = _mm256_set1_ps(s.b2), omb2 = _mm256_set1_ps(s.oneMinusB2), step = _mm256_set1_ps(s.stepSize),
                bc2 = _mm256_set1_ps(s.bc2Sqrt), eps = _mm256_set1_ps(s.eps), zero = _mm256_setzero_ps();
@@ -73,17 +69,7 @@ __attribute__((target("avx2"))) void updateAvx2(float* p, float* g, float* m, fl
 }  // namespace
 
 void adamwUpdate(float* p, float* g, float* m, float* v, int64_t n, const AdamWParams& o, float clip) {
-  const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(o.step));
-  const double bc2 = 1.0 - std::pow(o.beta2, static_cast<double>(o.step));
-  Scalars s;
-  s.clip = clip;
-  s.decay = static_cast<float>(1.0 - o.lr * o.weightDecay);
-  s.oneMinusB1 = static_cast<float>(1.0 - o.beta1);
-  s.b2 = static_cast<float>(o.beta2);
-  s.oneMinusB2 = static_cast<float>(1.0 - o.beta2);
-  s.stepSize = static_cast<float>(o.lr / bc1);
-  s.bc2Sqrt = static_cast<float>(std::sqrt(bc2));
-  s.eps = static_cast<float>(o.eps);
+  const AdamWScalars s = adamwScalars(o, clip);
 #if QK_X86
   if (simdLevel() >= SimdLevel::Avx2) return updateAvx2(p, g, m, v, n, s);
 #endif

@@ -5,10 +5,14 @@
 //   AVX2     M <= 8: one pass over W per call, NF4 decoded in registers (vpermps on the two table
 //            halves), M accumulators; M > 8: packed GEMM, micro-kernel 6x16 (12 ymm accumulators).
 //   AVX-512  same structure, 16-wide decode (one vpermps on the whole table), micro-kernel 8x32.
+// linearForwardInt8 (M <= 8, NF4): int8 activations and an int8 codebook, exact int32 block dots
+// (scalar reference + AVX2 vpshufb / vpmaddubsw / vpmaddwd; AVX-512 CPUs run the AVX2 kernel).
 #include "cpu/matmul.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -397,6 +401,246 @@ void forwardSmallM(SimdLevel lvl, const float* x, const WeightView& w, const flo
 }
 
 // ---------------------------------------------------------------------------------------------
+// M <= 8 forward with int8 activations (linearForwardInt8; docs/kernels.md §3). The exact path above
+// is instruction bound on AVX2 (decoding NF4 to fp32 costs ~12 shuffles per 32 weights); here one
+// pshufb turns 32 codes into int8 weights and two multiplies (vpmaddubsw, vpmaddwd) give int32
+// partial dot products, so each 32 weights cost ~7 vector ops.
+//
+//   x (per call, per row m, per weight block b of `bs` elements along K):
+//     amax = max |x|;  q[k] = round_even(x[k] · (127/amax)) in [-127, 127];  xf[m,b] = amax / 127²
+//   W: code c -> kCodeInt8[c] = round(NF4[c]·127) (|error| <= 0.5/127 of absmax per weight)
+//   y[m,n] = Σ_b float(Σ_{k in b} q[m,k]·kCodeInt8[code(n,k)]) · xf[m,b] · absmax[n,b]
+// Every level computes the same int8 activations and the same exact int32 block dots; only the
+// float summation of the per-block terms differs (AVX2 converts and scales 8 lane partials).
+
+struct Int8Codebook {
+  alignas(32) int8_t c[32];  // round(NF4[code]·127), twice (both 128-bit lanes, for vpshufb)
+  Int8Codebook() {
+    for (int i = 0; i < 16; ++i) c[i] = c[i + 16] = static_cast<int8_t>(std::nearbyint(kCode[i] * 127.0f));
+  }
+};
+const Int8Codebook& int8Codebook() {
+  static const Int8Codebook cb;
+  return cb;
+}
+
+// A block whose largest |x| is below this is treated as zeros (127/amax would overflow for
+// subnormal amax; such a block contributes < 1e-30·Σ|w| anyway).
+constexpr float kInt8MinAmax = 1e-30f;
+
+// x quantized once per call (in the caller's thread, before the parallel region), read by all threads.
+struct Int8Activations {
+  int64_t M = 0, K = 0, nb = 0;  // nb = blocks per row = K / bs
+  int bs = 0;
+  const int8_t* q = nullptr;     // scalar: [M][K] int8 values in element order
+  // AVX2: [K/S][M][2·S bytes], S = kernel step (64 weights when bs >= 64, else 32): for each step,
+  // each row's int8 values in the decoder's order then their magnitudes |q| (vpmaddubsw's unsigned
+  // operand), see quantizeActivationsAvx2. Step-major so the M rows of a step are one contiguous
+  // stream: row-major rows K bytes apart (K a multiple of 4 KiB) map to the same L1 sets and evict
+  // each other (measured: M = 8 ran 7x slower).
+  const int8_t* packed = nullptr;
+  int step = 32;
+  const float* xf = nullptr;     // [M][nb] amax / 127² (NaN when the block holds a NaN/inf), 0 for a zero block
+};
+
+// Per-block scale shared by both quantizers: sets *xf and returns the multiplier 127/amax (0: all q = 0).
+inline float int8BlockScale(float amax, bool finite, float* xf) {
+  if (!finite) {
+    *xf = std::numeric_limits<float>::quiet_NaN();
+    return 0.0f;
+  }
+  if (amax < kInt8MinAmax) {
+    *xf = 0.0f;
+    return 0.0f;
+  }
+  *xf = amax / 16129.0f;
+  return 127.0f / amax;
+}
+
+// Reference quantizer (natural element order). nearbyint rounds half to even in the default
+// rounding mode, as vcvtps2dq does.
+void quantizeActivationsScalar(const float* x, int64_t M, int64_t K, int bs, int8_t* q, float* xf) {
+  const int64_t nb = K / bs;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xs = x + m * K + b * bs;
+      float amax = 0.0f;
+      bool finite = true;
+      for (int k = 0; k < bs; ++k) {
+        const float v = std::fabs(xs[k]);
+        if (!(v <= std::numeric_limits<float>::max())) finite = false;
+        amax = std::max(amax, v);
+      }
+      const float mul = int8BlockScale(amax, finite, xf + m * nb + b);
+      int8_t* qs = q + m * K + b * bs;
+      for (int k = 0; k < bs; ++k) qs[k] = mul == 0.0f ? 0 : static_cast<int8_t>(std::nearbyint(xs[k] * mul));
+    }
+}
+
+// AVX2 quantizer: the same values as the reference, stored in the order the AVX2 weight decoder
+// produces (16 packed bytes hold 32 elements, byte j = elements 2j (high nibble), 2j+1 (low)):
+//   step 32, per group g of 32:  [odd(g) | even(g)]              odd(g) = x[g+1], x[g+3], ..., x[g+31]
+//   step 64, per groups g, g+32: [odd(g) | odd(g+32)], [even(g) | even(g+32)]   (low, high nibbles of 32 bytes)
+// each 32-byte vector followed by its |q|, in the step-major layout of Int8Activations::packed.
+QK_AVX2 void quantizeActivationsAvx2(const float* x, int64_t M, int64_t K, int bs, int step, int8_t* packed, float* xf) {
+  const int64_t nb = K / bs;
+  const __m256 absMask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 fmax = _mm256_set1_ps(std::numeric_limits<float>::max());
+  // after packs_epi32 + packs_epi16 the dwords hold elements [0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, ...]
+  const __m256i natural = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  // per 128-bit lane: odd bytes to the low 8, even bytes to the high 8; then qwords (0, 2, 1, 3)
+  const __m256i oddEven = _mm256_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14,  //
+                                           1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xs = x + m * K + b * bs;
+      __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+      for (int k = 0; k < bs; k += 8) {
+        const __m256 v = _mm256_and_ps(_mm256_loadu_ps(xs + k), absMask);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, fmax, _CMP_NLE_UQ));  // NaN or inf
+        mx = _mm256_max_ps(mx, v);
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+      const float mul = int8BlockScale(_mm_cvtss_f32(m4), _mm256_movemask_ps(bad) == 0, xf + m * nb + b);
+      const __m256 vm = _mm256_set1_ps(mul);
+      __m256i prev = _mm256_setzero_si256();  // step 64: the first group of the pair
+      for (int k = 0; k < bs; k += 32) {
+        // mul == 0 (zero / non-finite block): every product is 0 or NaN; cvtps2dq turns NaN into
+        // INT_MIN, so mask to 0 explicitly
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xs + k), vm));
+        const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xs + k + 8), vm));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xs + k + 16), vm));
+        const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xs + k + 24), vm));
+        __m256i v = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        v = _mm256_permutevar8x32_epi32(v, natural);
+        v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, oddEven), 0xd8);
+        if (mul == 0.0f) v = _mm256_setzero_si256();
+        if (step == 32) {
+          int8_t* dst = packed + ((b * bs + k) / 32 * M + m) * 64;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_abs_epi8(v));
+        } else if (k % 64 == 0) {
+          prev = v;
+        } else {
+          int8_t* dst = packed + ((b * bs + k) / 64 * M + m) * 128;
+          const __m256i lo = _mm256_permute2x128_si256(prev, v, 0x20), hi = _mm256_permute2x128_si256(prev, v, 0x31);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), lo);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_abs_epi8(lo));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64), hi);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 96), _mm256_abs_epi8(hi));
+        }
+      }
+    }
+}
+
+// Scalar reference: plain loops over the natural-order int8 activations.
+void forwardInt8Scalar(const Int8Activations& xa, const WeightView& w, const float* bias, float* y, bool accumulate) {
+  const int64_t N = w.rows, K = w.cols, M = xa.M, nb = xa.nb;
+  const int bs = xa.bs;
+  const auto* d = static_cast<const uint8_t*>(w.data);
+  const int8_t* cb = int8Codebook().c;
+  parallelFor(N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1, int) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* p = d + (n * K) / 2;
+      const float* am = w.absmax + n * nb;
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* qm = xa.q + m * K;
+        float s = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+          int32_t dot = 0;
+          for (int64_t k = b * bs; k < (b + 1) * bs; ++k) {
+            const int code = k & 1 ? p[k >> 1] & 15 : p[k >> 1] >> 4;
+            dot += static_cast<int32_t>(qm[k]) * cb[code];
+          }
+          s += static_cast<float>(dot) * xa.xf[m * nb + b] * am[b];
+        }
+        y[m * N + n] = finish(y[m * N + n], accumulate, s, bias, n);
+      }
+    }
+  });
+}
+
+// AVX2 row kernel: one NF4 row (K % bs == 0) against M rows of quantized x. Per step of S weights:
+//   S = 32: idx = [low nibbles | high nibbles] of 16 bytes (broadcast, vpsrlvd, and)
+//   S = 64: idx = low nibbles of 32 bytes (and), high nibbles (vpsrlw, and): 3 ops for 64 weights
+//   w8   = vpshufb(int8 codebook, idx)                     (one per 32 weights)
+//   per row m, per 32: vpmaddubsw(|q|, sign(w8, q)) -> 16 x int16 (|.| <= 2·127² < 2^15, no
+//              saturation), vpmaddwd(·, 1) -> 8 x int32 added to the block accumulator
+// At the end of a block each lane partial is converted (exact: |partial| <= 4·(bs/32)·127² < 2^24)
+// and scaled by xf[m,b]·absmax[b]. BS: the blocksize when known at compile time (64, bnb's default:
+// one step per block, no inner loop, blocks unrolled by 2 — with a runtime blocksize the loop and
+// epilogue bookkeeping is ~15 of ~32 instructions per block at M = 1; no speed-up was measurable
+// on the shared dev machine), 0: xa.bs.
+template <int M, int S, int BS>
+QK_AVX2 void rowDotNf4Int8Avx2(const uint8_t* p, const float* am, const Int8Activations& xa, float* res) {
+  const int64_t nb = xa.nb;
+  const int bs = BS ? BS : xa.bs;
+  const __m256i cb = _mm256_load_si256(reinterpret_cast<const __m256i*>(int8Codebook().c));
+  const __m256i shifts = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 facc[M];
+  for (int m = 0; m < M; ++m) facc[m] = _mm256_setzero_ps();
+  __m256 fodd = _mm256_setzero_ps();  // M == 1: odd blocks accumulate here (two FMA chains)
+  const int8_t* xg = xa.packed;       // the current step's M x 2S bytes
+#pragma GCC unroll 2
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i iacc[M];
+    for (int m = 0; m < M; ++m) iacc[m] = _mm256_setzero_si256();
+    const int64_t k0 = b * bs;
+    for (int64_t k = k0; k < k0 + bs; k += S, xg += 2 * S * M) {
+      __m256i w8[S / 32];
+      if constexpr (S == 32) {
+        const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (k >> 1))));
+        w8[0] = _mm256_shuffle_epi8(cb, _mm256_and_si256(_mm256_srlv_epi32(raw, shifts), low4));
+      } else {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (k >> 1)));
+        w8[0] = _mm256_shuffle_epi8(cb, _mm256_and_si256(raw, low4));
+        w8[1] = _mm256_shuffle_epi8(cb, _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4));
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 2
+        for (int h = 0; h < S / 32; ++h) {
+          const int8_t* xm = xg + 2 * S * m + 64 * h;
+          const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm));
+          const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32));
+          const __m256i p16 = _mm256_maddubs_epi16(av, _mm256_sign_epi8(w8[h], qv));
+          iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(p16, ones));
+        }
+      }
+    }
+    const __m256 vam = _mm256_broadcast_ss(am + b);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(iacc[m]), _mm256_broadcast_ss(xa.xf + m * nb + b));
+      facc[m] = _mm256_fmadd_ps(t, vam, facc[m]);
+    }
+    if constexpr (M == 1) std::swap(facc[0], fodd);
+  }
+  if constexpr (M == 1) facc[0] = _mm256_add_ps(facc[0], fodd);
+  for (int m = 0; m < M; ++m) res[m] = hsum8(facc[m]);
+}
+
+template <int M>
+void forwardInt8SmallM(const Int8Activations& xa, const WeightView& w, const float* bias, float* y, bool accumulate) {
+  auto rowDot = xa.step == 32 ? rowDotNf4Int8Avx2<M, 32, 0>
+                : xa.bs == 64  ? rowDotNf4Int8Avx2<M, 64, 64>
+                               : rowDotNf4Int8Avx2<M, 64, 0>;
+  const int64_t N = w.rows, K = w.cols;
+  const auto* d = static_cast<const uint8_t*>(w.data);
+  parallelFor(N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1, int) {
+    float res[M];
+    for (int64_t n = n0; n < n1; ++n) {
+      rowDot(d + (n * K) / 2, w.absmax + n * xa.nb, xa, res);
+      for (int m = 0; m < M; ++m) y[m * N + n] = finish(y[m * N + n], accumulate, res[m], bias, n);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // M <= 8 backward: dx[m, k0:k1] += dy[m,n] * W[n, k0:k1] for every n; each thread owns a column
 // chunk of dx, so W is read once in total and dx stays in L1.
 
@@ -676,6 +920,49 @@ void linearForward(const float* x, int64_t M, const WeightView& w, const float* 
     }
   };
   gemmDispatch(lvl, M, N, K, DenseA{x, K, false}, WeightTransB{&w, lvl}, 1.0f, y, N, init);
+}
+
+bool int8DecodeApplies(int64_t M, const WeightView& w) {
+  return w.type == WType::NF4 && M >= 1 && M <= 8 && w.cols > 0 && w.cols % w.blocksize == 0;
+}
+
+void linearForwardInt8(const float* x, int64_t M, const WeightView& w, const float* bias, float* y, bool accumulate) {
+  checkWeight(w);
+  if (!int8DecodeApplies(M, w) || w.rows <= 0) return linearForward(x, M, w, bias, y, accumulate);
+  const int64_t K = w.cols;
+  const SimdLevel lvl = simdLevel();
+  // the caller's thread quantizes x once; the buffers are read by every thread of the region
+  thread_local std::vector<int8_t> qBuf;
+  thread_local std::vector<float> xfBuf;
+  Int8Activations xa;
+  xa.M = M;
+  xa.K = K;
+  xa.bs = w.blocksize;
+  xa.nb = K / w.blocksize;
+  xfBuf.resize(static_cast<size_t>(M * xa.nb));
+  xa.xf = xfBuf.data();
+  if (lvl == SimdLevel::Scalar) {
+    qBuf.resize(static_cast<size_t>(M * K));
+    xa.q = qBuf.data();
+    quantizeActivationsScalar(x, M, K, w.blocksize, qBuf.data(), xfBuf.data());
+    return forwardInt8Scalar(xa, w, bias, y, accumulate);
+  }
+  // AVX-512 machines run the AVX2 kernel (AVX-512 has no wider byte shuffle that would change the
+  // op count per weight; the 256-bit code is what runs at QLORA_SIMD=avx512)
+  qBuf.resize(static_cast<size_t>(2 * M * K));
+  xa.packed = qBuf.data();
+  xa.step = w.blocksize >= 64 ? 64 : 32;
+  quantizeActivationsAvx2(x, M, K, w.blocksize, xa.step, qBuf.data(), xfBuf.data());
+  switch (M) {
+    case 1: return forwardInt8SmallM<1>(xa, w, bias, y, accumulate);
+    case 2: return forwardInt8SmallM<2>(xa, w, bias, y, accumulate);
+    case 3: return forwardInt8SmallM<3>(xa, w, bias, y, accumulate);
+    case 4: return forwardInt8SmallM<4>(xa, w, bias, y, accumulate);
+    case 5: return forwardInt8SmallM<5>(xa, w, bias, y, accumulate);
+    case 6: return forwardInt8SmallM<6>(xa, w, bias, y, accumulate);
+    case 7: return forwardInt8SmallM<7>(xa, w, bias, y, accumulate);
+    default: return forwardInt8SmallM<8>(xa, w, bias, y, accumulate);
+  }
 }
 
 void linearBackwardInput(const float* dy, int64_t M, const WeightView& w, float* dx, bool accumulate) {

@@ -29,6 +29,17 @@ struct WeightView {             // a frozen weight W[rows=N (out), cols=K (in)],
 // y[M,N] = x[M,K]·Wᵀ (+ bias[N]); accumulate → y += x·Wᵀ (+ bias). bias may be null.
 void linearForward(const float* x, int64_t M, const WeightView& w, const float* bias, float* y, bool accumulate);
 
+// Decode-time NF4 linear with int8 activations (docs/kernels.md §3, "int8 decode path"), same
+// contract as linearForward but approximate: per call, every row of x is quantized per weight block
+// along K to int8 (q = round(x·127/max|x|), |q| <= 127), the 16 NF4 code values are replaced by
+// int8 round(code·127), each block's dot product is an exact int32 and is scaled once:
+//   y[m,n] (=|+=) Σ_b float(dot[m,n,b]) · xf[m,b] · absmax[n,b] (+ bias[n]),  xf = max|x| / 127²
+// Applies when int8DecodeApplies(M, w) (NF4, K % blocksize == 0, 1 <= M <= 8); any other call
+// runs linearForward unchanged. A block of x with a NaN/inf makes its outputs NaN; a block with
+// max|x| < 1e-30 is treated as zeros.
+void linearForwardInt8(const float* x, int64_t M, const WeightView& w, const float* bias, float* y, bool accumulate);
+bool int8DecodeApplies(int64_t M, const WeightView& w);
+
 // dx[M,K] (=|+=) dy[M,N]·W — input gradient through a frozen weight (training backward).
 void linearBackwardInput(const float* dy, int64_t M, const WeightView& w, float* dx, bool accumulate);
 

@@ -193,11 +193,8 @@ __global__ void dropoutKernel(const float* x, float* y, int64_t n, uint32_t thr,
 }
 
 // ---- AdamW: torch's operation order, every operation rounded on its own (no FMA), IEEE sqrt/div --
-struct AdamScalars {
-  float clip, decay, oneMinusB1, b2, oneMinusB2, stepSize, bc2Sqrt, eps;
-};
 __global__ void adamwKernel(float* __restrict__ p, float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
-                            int64_t n, AdamScalars s) {
+                            int64_t n, AdamWScalars s) {
   QK_GRID_STRIDE(i, n) {
     const float gi = __fmul_rn(g[i], s.clip);
     float pi = __fmul_rn(p[i], s.decay);
@@ -372,18 +369,7 @@ void loraLinearBackward(const float* x, const float* u, const float* dy, int64_t
 
 void adamwUpdate(float* p, float* g, float* m, float* v, int64_t n, const AdamWParams& o, float clip, Stream stream) {
   if (n <= 0) return;
-  // the scalars exactly as cpu/adamw.cpp computes them (float64, rounded once)
-  const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(o.step));
-  const double bc2 = 1.0 - std::pow(o.beta2, static_cast<double>(o.step));
-  AdamScalars s;
-  s.clip = clip;
-  s.decay = static_cast<float>(1.0 - o.lr * o.weightDecay);
-  s.oneMinusB1 = static_cast<float>(1.0 - o.beta1);
-  s.b2 = static_cast<float>(o.beta2);
-  s.oneMinusB2 = static_cast<float>(1.0 - o.beta2);
-  s.stepSize = static_cast<float>(o.lr / bc1);
-  s.bc2Sqrt = static_cast<float>(std::sqrt(bc2));
-  s.eps = static_cast<float>(o.eps);
+  const AdamWScalars s = adamwScalars(o, clip);  // the same fp32 scalars as the CPU update
   adamwKernel<<<elemGrid(n), 256, 0, cs(stream)>>>(p, g, m, v, n, s);
   QK_CUDA_LAUNCHED();
 }

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <numeric>
 
+#include <sys/mman.h>
+
 #include "cpu/thread_pool.h"
 
 namespace qk {
@@ -48,6 +50,13 @@ const char* linName(Arch a, Lin l) {
   return a == Arch::Llama ? llama[l] : opt[l];
 }
 
+// KV capacity grows in multiples of this many tokens (OPT-125m: 4.5 MiB, Llama-3.2-1B: 4 MiB).
+constexpr int64_t kKvChunkRows = 64;
+// Float budget of the [window, ·] decoder scratch (x, xn, q, att, k, v, u, g): 16 MiB.
+constexpr int64_t kScratchBudgetFloats = (int64_t(16) << 20) / 4;
+// Float budget of crossEntropy's [positions, vocab chunk] logits buffer: 8 MiB.
+constexpr int64_t kCeBudgetFloats = (int64_t(8) << 20) / 4;
+
 }  // namespace
 
 // =============================================================================================
@@ -69,6 +78,14 @@ Model::Model(const ModelConfig& cfg, const TensorMap& weights, int maxSequences,
     invalid("maxContext exceeds OPT's learned positions (" + std::to_string(c.maxPositions) + ")");
   qDim_ = static_cast<int64_t>(c.heads) * c.headDim;
   kvDim_ = static_cast<int64_t>(c.kvHeads) * c.headDim;
+  // Decoder window: as many packed tokens as fit the scratch budget, 64..1024, a multiple of 16.
+  // A 512-token prefill of Llama-3.2-1B would otherwise hold 50 MiB of [T, ·] scratch for good
+  // (g and u are [T, 8192]); at 160 tokens per pass the GEMMs are still compute bound (each NF4
+  // weight panel decoded per pass is reused by 160 rows).
+  {
+    const int64_t perToken = 2 * c.hidden + 2 * qDim_ + 2 * kvDim_ + (c.arch == Arch::Llama ? 2 : 1) * int64_t(c.intermediate);
+    window_ = std::clamp<int64_t>(kScratchBudgetFloats / perToken / 16 * 16, 64, 1024);
+  }
 
   loadWeights(weights);
 
@@ -228,24 +245,79 @@ void Model::loadWeights(const TensorMap& weights) {
 // =============================================================================================
 // Sequences
 // =============================================================================================
-void Model::ensureSeqCache(Seq& s) {
-  if (s.k) return;
-  const size_t n = static_cast<size_t>(cfg_.layers) * maxCtx_ * kvDim_;
-  try {
-    s.k.reset(new float[n]);  // uninitialised: pages are touched only as the cache fills
-    s.v.reset(new float[n]);
-  } catch (const std::bad_alloc&) {
-    s.k.reset();
-    s.v.reset();
-    throw EngineError("RESOURCE_EXHAUSTED", "out of memory allocating a KV cache of " + std::to_string(2 * n * 4) + " bytes");
+Model::PageBuffer& Model::PageBuffer::operator=(PageBuffer&& o) noexcept {
+  if (this != &o) {
+    release();
+    p_ = o.p_;
+    bytes_ = o.bytes_;
+    o.p_ = nullptr;
+    o.bytes_ = 0;
   }
+  return *this;
+}
+
+bool Model::PageBuffer::grow(size_t bytes) {
+  if (bytes <= bytes_) return true;
+  void* p;
+  if (!p_) {
+    p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  } else {
+#ifdef __linux__
+    p = mremap(p_, bytes_, bytes, MREMAP_MAYMOVE);  // extends in place or moves the page tables
+#else
+    p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED) {
+      std::memcpy(p, p_, bytes_);
+      munmap(p_, bytes_);
+    }
+#endif
+  }
+  if (p == MAP_FAILED) return false;
+  p_ = p;
+  bytes_ = bytes;
+  return true;
+}
+
+void Model::PageBuffer::release() {
+  if (p_) munmap(p_, bytes_);
+  p_ = nullptr;
+  bytes_ = 0;
+}
+
+// Growth policy: a slot holds no KV memory until tokens arrive; then each layer's K and V arrays
+// ([cap][kvDim], the contiguous rows attentionForward reads) hold the rows needed rounded up to
+// kKvChunkRows (never more than maxContext). Growing remaps the pages (mremap): no copy, no
+// transient second array, so the cache costs what its rows use, ≤ 63 rows of slack per slot.
+void Model::reserveKv(Seq& s, int64_t rows) {
+  if (rows <= s.cap) return;
+  const int64_t cap = std::min<int64_t>((rows + kKvChunkRows - 1) / kKvChunkRows * kKvChunkRows, maxCtx_);
+  const size_t bytes = static_cast<size_t>(cap) * kvDim_ * sizeof(float);
+  s.k.resize(cfg_.layers);
+  s.v.resize(cfg_.layers);
+  for (int l = 0; l < cfg_.layers; ++l)
+    if (!s.k[l].grow(bytes) || !s.v[l].grow(bytes))
+      throw EngineError("RESOURCE_EXHAUSTED", "out of memory growing a KV cache to " + std::to_string(cap) + " tokens (" +
+                                                  std::to_string(2 * bytes * cfg_.layers) + " bytes)");
+  s.cap = cap;  // only once every layer holds it (a failed grow leaves the old capacity usable)
+}
+
+void Model::releaseKv(Seq& s) {
+  s.k.clear();  // PageBuffer destructors unmap
+  s.v.clear();
+  s.cap = 0;
+  s.len = 0;
+}
+
+int64_t Model::kvCapacity(int seq) const {
+  if (seq < 0 || seq >= maxSeq_ || !seqs_[seq].used)
+    throw EngineError("NOT_FOUND", "kvCapacity: no sequence " + std::to_string(seq));
+  return seqs_[seq].cap;
 }
 
 int Model::createSequence() {
   for (int i = 0; i < maxSeq_; ++i) {
     Seq& s = seqs_[i];
     if (s.used) continue;
-    ensureSeqCache(s);
     s.used = true;
     s.len = 0;
     return i;
@@ -261,8 +333,8 @@ Model::Seq& Model::seqAt(int seq, const char* what) {
 
 void Model::dropSequence(int seq) {
   Seq& s = seqAt(seq, "dropSequence");
-  s.used = false;  // the cache memory is kept for the next createSequence
-  s.len = 0;
+  s.used = false;
+  releaseKv(s);  // back to the kernel (munmap): an idle slot holds nothing
 }
 
 int64_t Model::sequenceLength(int seq) const {
@@ -338,7 +410,7 @@ void Model::checkAdapter(int adapter) const {
 void Model::ensureScratch(int64_t T) {
   if (T <= cap_) return;
   const int64_t H = cfg_.hidden, I = cfg_.intermediate;
-  int64_t cap = std::max<int64_t>(T, 16);
+  int64_t cap = std::min(std::max<int64_t>(T, 16), window_);
   x_.resize(cap * H);
   xn_.resize(cap * H);
   q_.resize(cap * qDim_);
@@ -347,9 +419,6 @@ void Model::ensureScratch(int64_t T) {
   att_.resize(cap * qDim_);
   u_.resize(cap * I);
   if (cfg_.arch == Arch::Llama) g_.resize(cap * I);
-  tokIds_.resize(cap);
-  tokPos_.resize(cap);
-  tokSeq_.resize(cap);
   kPtr_.resize(cap);
   vPtr_.resize(cap);
   cap_ = cap;
@@ -364,7 +433,7 @@ void Model::ensureScratch(int64_t T) {
 void Model::linear(int layer, Lin which, const float* x, int64_t T, float* y, bool accumulate) {
   const Linear& L = layers_[layer].lin[which];
   const int64_t in = L.w.cols, out = L.w.rows;
-  linearForward(x, T, L.w, L.bias, y, accumulate);
+  baseLinear(x, T, L.w, L.bias, y, accumulate);
   for (const Segment& s : segments_) {
     if (s.adapter < 0) continue;
     const Adapter& ad = adapters_[s.adapter];
@@ -389,7 +458,16 @@ void Model::finalNorm(const float* x, float* y, int64_t rows) {
   else layerNormForward(x, finalNorm_.w, finalNorm_.b, y, rows, H, cfg_.normEps);
 }
 
-void Model::runDecoder(int64_t T) {
+void Model::windowSegments(int64_t t0, int64_t t1) {
+  segments_.clear();
+  for (const Segment& s : packedSegments_) {
+    const int64_t a = std::max(s.t0, t0), b = std::min(s.t1, t1);
+    if (a < b) segments_.push_back({s.adapter, a - t0, b - t0});
+  }
+}
+
+// T here is the number of tokens in this pass (≤ window_), the packed tokens t0 .. t0 + T - 1.
+void Model::runDecoder(int64_t t0, int64_t T) {
   const ModelConfig& c = cfg_;
   const bool llama = c.arch == Arch::Llama, preLN = llama || c.layerNormBefore;
   const int64_t H = c.hidden, I = c.intermediate, hd = c.headDim;
@@ -401,7 +479,8 @@ void Model::runDecoder(int64_t T) {
   float* att = att_.data();  // [T, qDim]
   float* u = u_.data();    // [T, I]
   float* g = llama ? g_.data() : nullptr;  // [T, I]
-  const int32_t* pos = tokPos_.data();
+  const int32_t* pos = tokPos_.data() + t0;
+  const int32_t* seqOf = tokSeq_.data() + t0;
 
   auto norm = [&](const Norm& n, const float* in, float* out) {
     if (llama) rmsNormForward(in, n.w, out, T, H, c.normEps);
@@ -409,7 +488,7 @@ void Model::runDecoder(int64_t T) {
   };
 
   // ---- embeddings: x[t] = embed[id_t] (+ OPT learned position row pos_t + 2) ----
-  embeddingForward(embed_, tokIds_.data(), T, x, false);
+  embeddingForward(embed_, tokIds_.data() + t0, T, x, false);
   if (!llama)
     for (int64_t t = 0; t < T; ++t) tableRow(positions_, static_cast<int64_t>(pos[t]) + 2, x + t * H, true);
 
@@ -418,7 +497,6 @@ void Model::runDecoder(int64_t T) {
   as.nKvHeads = c.kvHeads;
   as.headDim = c.headDim;
   as.scale = llama ? 1.f / std::sqrt(static_cast<float>(hd)) : 1.f;  // OPT scales q itself
-  const size_t layerStride = static_cast<size_t>(maxCtx_) * kvDim_;
 
   for (int l = 0; l < c.layers; ++l) {
     const Layer& L = layers_[l];
@@ -438,11 +516,11 @@ void Model::runDecoder(int64_t T) {
     } else {
       scale(q, 1.f / std::sqrt(static_cast<float>(hd)), T * qDim_);  // OPT: q_proj(h)·hd^-0.5
     }
-    // append k, v at each token's position in its sequence's cache
+    // append k, v at each token's position in its sequence's cache (capacity reserved by the caller)
     for (int64_t t = 0; t < T; ++t) {
-      Seq& s = seqs_[tokSeq_[t]];
-      float* kl = s.k.get() + l * layerStride;
-      float* vl = s.v.get() + l * layerStride;
+      Seq& s = seqs_[seqOf[t]];
+      float* kl = s.k[l].data();
+      float* vl = s.v[l].data();
       std::memcpy(kl + static_cast<int64_t>(pos[t]) * kvDim_, k + t * kvDim_, sizeof(float) * kvDim_);
       std::memcpy(vl + static_cast<int64_t>(pos[t]) * kvDim_, v + t * kvDim_, sizeof(float) * kvDim_);
       kPtr_[t] = kl;
@@ -493,7 +571,9 @@ void Model::forward(const RowSpec* rows, int nRows, bool allLogits, float* logit
         invalid("forward: token id " + std::to_string(r.tokens[t]) + " is outside 0.." + std::to_string(c.vocab - 1));
     T += r.n;
   }
-  ensureScratch(T);
+  tokIds_.resize(T);
+  tokPos_.resize(T);
+  tokSeq_.resize(T);
 
   // ---- pack rows grouped by adapter (stable), so each adapter is one contiguous segment ----
   // (insertion sort: stable, allocation free, batches are small)
@@ -504,37 +584,55 @@ void Model::forward(const RowSpec* rows, int nRows, bool allLogits, float* logit
     order_[j] = i;
   }
   rowStart_.resize(nRows);
-  segments_.clear();
+  packedSegments_.clear();
   int64_t t = 0;
   for (int oi = 0; oi < nRows; ++oi) {
     const RowSpec& r = rows[order_[oi]];
     const Seq& s = seqs_[r.seq];
     rowStart_[order_[oi]] = t;
-    if (segments_.empty() || segments_.back().adapter != r.adapter) segments_.push_back({r.adapter, t, t});
+    if (packedSegments_.empty() || packedSegments_.back().adapter != r.adapter) packedSegments_.push_back({r.adapter, t, t});
     for (int64_t j = 0; j < r.n; ++j, ++t) {
       tokIds_[t] = r.tokens[j];
       tokPos_[t] = static_cast<int32_t>(s.len + j);
       tokSeq_[t] = r.seq;
     }
-    segments_.back().t1 = t;
+    packedSegments_.back().t1 = t;
   }
+  // every row's cache must hold its new tokens before the first layer writes them
+  for (int i = 0; i < nRows; ++i) reserveKv(seqs_[rows[i].seq], seqs_[rows[i].seq].len + rows[i].n);
 
-  runDecoder(T);
-  for (int i = 0; i < nRows; ++i) seqs_[rows[i].seq].len += rows[i].n;
-
-  // ---- logits: gather the wanted rows (caller's order), final norm, lm_head ----
+  // ---- the wanted hidden rows (caller's order): [first, first + cnt) of the packed tokens ----
   const int64_t H = c.hidden;
   const int64_t R = allLogits ? T : nRows;
   if (static_cast<int64_t>(sel_.size()) < R * H) sel_.resize(R * H);
-  int64_t o = 0;
-  for (int i = 0; i < nRows; ++i) {
-    const int64_t first = allLogits ? rowStart_[i] : rowStart_[i] + rows[i].n - 1;
-    const int64_t cnt = allLogits ? rows[i].n : 1;
-    std::memcpy(sel_.data() + o * H, x_.data() + first * H, sizeof(float) * cnt * H);
-    o += cnt;
+  outStart_.resize(nRows);
+  for (int i = 0, o = 0; i < nRows; o += allLogits ? static_cast<int>(rows[i].n) : 1, ++i) outStart_[i] = o;
+
+  // ---- the decoder in windows of window_ packed tokens; each window's wanted rows go to sel_ ----
+  // (a window's tokens attend to cache rows written by earlier windows, so this equals one pass)
+  ensureScratch(std::min(T, window_));
+  for (int64_t w0 = 0; w0 < T; w0 += window_) {
+    const int64_t w1 = std::min(T, w0 + window_);
+    windowSegments(w0, w1);
+    runDecoder(w0, w1 - w0);
+    for (int i = 0; i < nRows; ++i) {
+      const int64_t first = allLogits ? rowStart_[i] : rowStart_[i] + rows[i].n - 1;
+      const int64_t a = std::max(first, w0), b = std::min(first + (allLogits ? rows[i].n : 1), w1);
+      if (a < b) std::memcpy(sel_.data() + (outStart_[i] + a - first) * H, x_.data() + (a - w0) * H, sizeof(float) * (b - a) * H);
+    }
   }
+  for (int i = 0; i < nRows; ++i) seqs_[rows[i].seq].len += rows[i].n;
+
+  // ---- logits: final norm, lm_head ----
   finalNorm(sel_.data(), sel_.data(), R);
-  linearForward(sel_.data(), R, lmHead_, nullptr, logits, false);  // logits [R, V]
+  baseLinear(sel_.data(), R, lmHead_, nullptr, logits, false);  // logits [R, V]
+}
+
+void Model::baseLinear(const float* x, int64_t rows, const WeightView& w, const float* bias, float* y,
+                       bool accumulate) const {
+  // linearForwardInt8 itself falls back to linearForward outside NF4 / K % blocksize == 0 / rows <= 8
+  if (decodeMatmul_ == DecodeMatmul::Int8) linearForwardInt8(x, rows, w, bias, y, accumulate);
+  else linearForward(x, rows, w, bias, y, accumulate);
 }
 
 // lm_head rows [v0, v1) as a view (NF4: v0·H must start a quantization block).
@@ -567,30 +665,41 @@ double Model::crossEntropy(const int32_t* tokens, int64_t T, int adapter, int64_
   // ---- forward over a temporary sequence (the internal slot) ----
   const int tmp = maxSeq_;
   Seq& s = seqs_[tmp];
-  ensureSeqCache(s);
   s.len = 0;
-  ensureScratch(T);
+  reserveKv(s, T);
+  tokIds_.resize(T);
+  tokPos_.resize(T);
+  tokSeq_.resize(T);
   for (int64_t t = 0; t < T; ++t) {
     tokIds_[t] = tokens[t];
     tokPos_[t] = static_cast<int32_t>(t);
     tokSeq_[t] = tmp;
   }
-  segments_.assign(1, Segment{adapter, 0, T});
-  runDecoder(T);
+  packedSegments_.assign(1, Segment{adapter, 0, T});
 
-  // ---- logits of positions 0..T-2 in vocab chunks with an online log-sum-exp ----
+  // ---- decoder in windows; final norm of positions 0..T-2 into h [M, H] ----
   const int64_t H = c.hidden, M = T - 1, V = c.vocab;
   if (static_cast<int64_t>(sel_.size()) < M * H) sel_.resize(M * H);
-  finalNorm(x_.data(), sel_.data(), M);  // h [M, H]
+  ensureScratch(std::min(T, window_));
+  for (int64_t w0 = 0; w0 < T; w0 += window_) {
+    const int64_t w1 = std::min(T, w0 + window_);
+    windowSegments(w0, w1);
+    runDecoder(w0, w1 - w0);
+    if (w0 < M) finalNorm(x_.data(), sel_.data() + w0 * H, std::min(w1, M) - w0);
+  }
+  releaseKv(s);  // the internal slot holds nothing between calls
+
+  // ---- logits of positions 0..T-2 in vocab chunks with an online log-sum-exp ----
   int64_t unit = 1;  // NF4 slices must start on a block: v0·H ≡ 0 (mod blocksize)
   if (lmHead_.type == WType::NF4) unit = lmHead_.blocksize / std::gcd<int64_t>(H, lmHead_.blocksize);
-  int64_t chunk = std::max<int64_t>(unit, std::min<int64_t>(4096, (int64_t(1) << 23) / std::max<int64_t>(M, 1)) / unit * unit);
+  int64_t chunk = std::max<int64_t>(unit, std::min<int64_t>(4096, kCeBudgetFloats / std::max<int64_t>(M, 1)) / unit * unit);
+  chunk = std::min(chunk, V);  // one chunk covers a small vocabulary (only v0 = 0 must be aligned then)
   if (static_cast<int64_t>(ceBuf_.size()) < M * chunk) ceBuf_.resize(M * chunk);
   std::vector<double> mx(M, -INFINITY), sum(M, 0.0), tgt(M, 0.0);
   for (int64_t v0 = 0; v0 < V; v0 += chunk) {
     const int64_t v1 = std::min(V, v0 + chunk), w = v1 - v0;
     float* buf = ceBuf_.data();  // logits [M, w]
-    linearForward(sel_.data(), M, lmHeadRows(v0, v1), nullptr, buf, false);
+    baseLinear(sel_.data(), M, lmHeadRows(v0, v1), nullptr, buf, false);
     parallelFor(M, 4, [&](int64_t b, int64_t e, int) {
       for (int64_t r = b; r < e; ++r) {
         float* row = buf + r * w;
@@ -607,19 +716,19 @@ double Model::crossEntropy(const int32_t* tokens, int64_t T, int adapter, int64_
   }
   double total = 0.0;
   for (int64_t r = 0; r < M; ++r) total += mx[r] + std::log(sum[r]) - tgt[r];  // -log softmax[target]
-  s.len = 0;
   *count = M;
   return total / static_cast<double>(M);
 }
 
 size_t Model::residentBytes() const {
   size_t b = weightBytes_;
-  for (const Seq& s : seqs_)
-    if (s.k) b += 2 * static_cast<size_t>(cfg_.layers) * maxCtx_ * kvDim_ * sizeof(float);
+  for (const Seq& s : seqs_)  // capacity as allocated (grows with the sequence)
+    for (size_t l = 0; l < s.k.size(); ++l) b += s.k[l].bytes() + s.v[l].bytes();
   for (const Adapter& a : adapters_) b += a.bytes;
   auto vb = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
   b += vb(cos_) + vb(sin_) + vb(x_) + vb(xn_) + vb(q_) + vb(k_) + vb(v_) + vb(att_) + vb(g_) + vb(u_) + vb(lora_) +
-       vb(tokIds_) + vb(tokPos_) + vb(tokSeq_) + vb(kPtr_) + vb(vPtr_) + vb(sel_) + vb(ceBuf_);
+       vb(tokIds_) + vb(tokPos_) + vb(tokSeq_) + vb(kPtr_) + vb(vPtr_) + vb(sel_) + vb(ceBuf_) + vb(outStart_) +
+       vb(rowStart_) + vb(order_) + vb(segments_) + vb(packedSegments_);
   return b;
 }
 

@@ -25,6 +25,12 @@ struct EngineError : std::runtime_error {
 
 enum class Arch { Llama, Opt };
 
+// How NF4 linears with at most 8 rows (decode steps; the lm_head of <= 8 rows) multiply:
+// Exact: linearForward (weights decoded to their exact fp32 values); Int8: linearForwardInt8 (x
+// quantized to int8 per weight block, integer block dots; ~1% relative error per output, faster).
+// Larger row counts (prefill, crossEntropy windows) always run linearForward. docs/engine.md.
+enum class DecodeMatmul { Exact, Int8 };
+
 struct ModelConfig {
   Arch arch = Arch::Llama;
   int hidden = 0, intermediate = 0, layers = 0, heads = 0, kvHeads = 0, headDim = 0, vocab = 0;
@@ -96,6 +102,8 @@ class Model {
   const ModelConfig& config() const { return cfg_; }
   int maxSequences() const { return maxSeq_; }
   int maxContext() const { return maxCtx_; }
+  DecodeMatmul decodeMatmul() const { return decodeMatmul_; }
+  void setDecodeMatmul(DecodeMatmul d) { decodeMatmul_ = d; }
 
   // ---- sequences (KV-cache slots) ----
   int createSequence();
@@ -118,13 +126,42 @@ class Model {
   // mean and sets *count = T - 1.
   double crossEntropy(const int32_t* tokens, int64_t T, int adapter, int64_t* count);
 
+  // Bytes the model holds: weights handed over, fp32 norm/bias copies, RoPE tables, the KV cache
+  // capacity of every slot (as allocated, not maxContext), adapters, scratch.
   size_t residentBytes() const;
+  // KV-cache rows (tokens) allocated for a sequence slot (>= its length; tests and diagnostics).
+  int64_t kvCapacity(int seq) const;
+  // Tokens the decoder runs per pass: longer steps (prefill, crossEntropy) go in windows of this
+  // many packed tokens, so the [T, ·] scratch stays bounded (see stepWindow in model.cpp).
+  int64_t stepWindow() const { return window_; }
 
  private:
+  // Anonymous private pages from mmap: never touched rows cost no RSS, munmap hands the memory
+  // back to the kernel at once (malloc may keep a freed block in its heap), and mremap grows a
+  // buffer without copying its contents.
+  class PageBuffer {
+   public:
+    PageBuffer() = default;
+    PageBuffer(const PageBuffer&) = delete;
+    PageBuffer& operator=(const PageBuffer&) = delete;
+    PageBuffer(PageBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
+    PageBuffer& operator=(PageBuffer&& o) noexcept;
+    ~PageBuffer() { release(); }
+    // Grows (or first allocates) to `bytes`, keeping the contents; false when the kernel refuses.
+    bool grow(size_t bytes);
+    void release();
+    float* data() const { return static_cast<float*>(p_); }
+    size_t bytes() const { return bytes_; }
+
+   private:
+    void* p_ = nullptr;
+    size_t bytes_ = 0;
+  };
   struct Seq {
     bool used = false;
     int64_t len = 0;
-    std::unique_ptr<float[]> k, v;  // [layers][maxCtx][kvDim] each, uninitialised until written
+    int64_t cap = 0;   // rows per layer allocated (grows with the sequence, 0 when released)
+    std::vector<PageBuffer> k, v;  // per layer [cap][kvDim]
   };
   struct Segment {
     int adapter;
@@ -134,22 +171,31 @@ class Model {
   const float* ownFloats(const RawTensor& t, const std::string& name, int64_t n);
   WeightView weightView(const RawTensor& t, const std::string& name, int64_t rows, int64_t cols);
   void loadWeights(const TensorMap& weights);
-  void ensureSeqCache(Seq& s);
+  // Grows the slot's KV arrays to hold `rows` tokens (see the growth policy in model.cpp).
+  void reserveKv(Seq& s, int64_t rows);
+  void releaseKv(Seq& s);
   void ensureScratch(int64_t T);
   Seq& seqAt(int seq, const char* what);
   void checkAdapter(int adapter) const;
 
-  // Runs the decoder over the packed tokens (tokIds_, tokPos_, tokSeq_ filled, segments_ set);
-  // leaves the residual stream (before the final norm) in x_ [T, H].
-  void runDecoder(int64_t T);
+  // Runs the decoder over packed tokens [t0, t0 + n) (tokIds_, tokPos_, tokSeq_ filled for them;
+  // n <= window_), with segments_ set to packedSegments_ clipped to the window and made relative
+  // to t0; leaves the residual stream (before the final norm) of those tokens in x_ [n, H].
+  void runDecoder(int64_t t0, int64_t n);
+  // Sets segments_ to the part of packedSegments_ inside [t0, t1), relative to t0.
+  void windowSegments(int64_t t0, int64_t t1);
   // y[T, out] (+)= x[T, in]·Wᵀ + b + per-segment LoRA
   void linear(int layer, Lin which, const float* x, int64_t T, float* y, bool accumulate);
   void finalNorm(const float* x, float* y, int64_t rows);
   WeightView lmHeadRows(int64_t v0, int64_t v1) const;
+  // y[rows, out] (+)= x·Wᵀ (+ bias) through the decode matmul the model was configured with
+  void baseLinear(const float* x, int64_t rows, const WeightView& w, const float* bias, float* y, bool accumulate) const;
 
   ModelConfig cfg_;
   int maxSeq_, maxCtx_;
   int64_t qDim_, kvDim_;
+  int64_t window_ = 0;  // packed tokens per decoder pass
+  DecodeMatmul decodeMatmul_ = DecodeMatmul::Exact;
 
   TableView embed_{}, positions_{};
   Norm finalNorm_;
@@ -167,9 +213,11 @@ class Model {
   std::vector<float> x_, xn_, q_, k_, v_, att_, g_, u_, lora_;
   std::vector<int32_t> tokIds_, tokPos_, tokSeq_;
   std::vector<const float*> kPtr_, vPtr_;
-  std::vector<Segment> segments_;
+  std::vector<Segment> packedSegments_;  // adapter segments of the whole step
+  std::vector<Segment> segments_;        // of the current window, relative to its first token (linear)
   std::vector<int> order_;
   std::vector<int64_t> rowStart_;
+  std::vector<int64_t> outStart_;  // forward: first logits row of each caller row
   std::vector<float> sel_, ceBuf_;
 };
 

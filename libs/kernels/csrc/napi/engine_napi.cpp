@@ -207,7 +207,7 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
   }
 
   // new NativeModel(config, weights: Record<string, WeightTensor>,
-  //                 options?: {maxSequences, maxContext, device: "cpu" | "cuda", cudaGraphs})
+  //                 options?: {maxSequences, maxContext, decodeMatmul, device: "cpu" | "cuda", cudaGraphs})
   explicit NativeModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModelWrap>(info) {
     guarded(info, [&]() -> Napi::Value {
       qk::engine::ModelConfig cfg = configOf(info[0]);
@@ -222,10 +222,17 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
       int maxSeq = 8, maxCtx = std::min(cfg.maxPositions, 2048);
       std::string device = "cpu";
       bool graphs = true;
+      qk::engine::DecodeMatmul decode = qk::engine::DecodeMatmul::Exact;
       if (info.Length() > 2 && info[2].IsObject()) {
         Napi::Object o = info[2].As<Napi::Object>();
         if (!o.Get("maxSequences").IsUndefined()) maxSeq = intOf(o, "maxSequences", "options");
         if (!o.Get("maxContext").IsUndefined()) maxCtx = intOf(o, "maxContext", "options");
+        Napi::Value dm = o.Get("decodeMatmul");
+        if (!dm.IsUndefined()) {
+          const std::string v = dm.IsString() ? dm.As<Napi::String>().Utf8Value() : "";
+          if (v == "int8") decode = qk::engine::DecodeMatmul::Int8;
+          else if (v != "exact") fail("INVALID_ARGUMENT", "options.decodeMatmul must be \"exact\" or \"int8\"");
+        }
         Napi::Value d = o.Get("device");
         if (!d.IsUndefined()) {
           device = d.IsString() ? d.As<Napi::String>().Utf8Value() : "";
@@ -235,8 +242,11 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
       }
       if (device == "cpu") {
         model_ = std::make_unique<qk::engine::Model>(cfg, map, maxSeq, maxCtx);
+        model_->setDecodeMatmul(decode);
         return info.Env().Undefined();
       }
+      // decodeMatmul selects a CPU kernel; the CUDA engine always runs its own (exact) GEMV, and
+      // info().decodeMatmul says so.
 #ifdef QLORA_WITH_CUDA
       // CudaModel fails with FAILED_PRECONDITION "no CUDA device: <reason>" without a usable GPU. It
       // copies every weight to the device, so the host arrays are not kept alive.
@@ -441,6 +451,7 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
         return o;
       });
       o.Set("device", onCuda() ? "cuda" : "cpu");
+      o.Set("decodeMatmul", model_ && model_->decodeMatmul() == qk::engine::DecodeMatmul::Int8 ? "int8" : "exact");
 #ifdef QLORA_WITH_CUDA
       if (cuda_) {  // decode steps captured / replayed as CUDA graphs
         o.Set("graphsCaptured", static_cast<double>(cuda_->graphsCaptured()));

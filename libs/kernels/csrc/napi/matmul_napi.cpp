@@ -63,6 +63,20 @@ Napi::Value linear(const Napi::CallbackInfo& info) {
   });
 }
 
+// linearInt8(x, M, dtype, data, absmax, blocksize, N, K, bias|null, out, accumulate) -> whether the
+// int8-activation path ran (false: the shape fell back to the exact linear)
+Napi::Value linearInt8(const Napi::CallbackInfo& info) {
+  return guarded(info, [&]() -> Napi::Value {
+    const int64_t M = intArg(info[1], "M");
+    qk::WeightView w = weightArgs(info, 2);
+    float* x = f32Of(info[0], M * w.cols, "x");
+    float* bias = f32Of(info[8], w.rows, "bias", true);
+    float* out = f32Of(info[9], M * w.rows, "out");
+    qk::linearForwardInt8(x, M, w, bias, out, info[10].ToBoolean().Value());
+    return Napi::Boolean::New(info.Env(), qk::int8DecodeApplies(M, w) && w.rows > 0);
+  });
+}
+
 // linearBackwardInput(dy, M, dtype, data, absmax, blocksize, N, K, dx, accumulate)
 Napi::Value linearBackwardInput(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
@@ -112,6 +126,7 @@ Napi::Value gemm(const Napi::CallbackInfo& info) {
 }  // namespace
 
 QK_EXPORT("linear", linear);
+QK_EXPORT("linearInt8", linearInt8);
 QK_EXPORT("linearBackwardInput", linearBackwardInput);
 QK_EXPORT("weightDecode", weightDecode);
 QK_EXPORT("gemm", gemm);

@@ -15,6 +15,7 @@ import { FinishReason, GenerateRequestSchema, GenerateStreamResponseSchema, Infe
 import {
   httpStatusOf,
   codeName,
+  maySee,
   requestInfoKey,
   sendJson,
   toConnectError,
@@ -408,7 +409,7 @@ export function openAiRoutes(deps: OpenAiDeps): HttpRoute[] {
       async handler(_req: HttpRequest, res: HttpResponse, ctx: HttpContext) {
         const entries = await catalog.list();
         const data = entries
-          .filter((e) => ctx.auth.principal === undefined || (ctx.auth.principal.allowed("model", e.model) && (!e.adapter || ctx.auth.principal.allowed("adapter", e.adapter))))
+          .filter((e) => maySee(ctx.auth.principal, { models: [e.model], adapters: [e.adapter] }))
           .map((e) => ({
             id: e.id,
             object: "model",

@@ -12,7 +12,7 @@ import { createClient, type Client, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { JobState, TrainerService, type Job } from "@qlora/proto";
-import { sendJson, type HttpRoute, type Logger, type ServerContext } from "@qlora/rpc";
+import { jobResources, sendJson, visibleOnly, type HttpRoute, type Logger, type Principal, type ServerContext } from "@qlora/rpc";
 import type { Catalog } from "./catalog.js";
 import type { EngineObserver } from "./instrument.js";
 import { UI_HTML } from "./ui-page.js";
@@ -89,11 +89,12 @@ export class TrainerView {
     })();
   }
 
-  async jobs(): Promise<unknown[] | null> {
+  /** The recent jobs `caller` may see (all without auth), with their loss curves. */
+  async jobs(caller?: Principal): Promise<unknown[] | null> {
     if (!this.client) return null;
     let list: Job[];
     try {
-      list = (await this.client.listJobs({}, { signal: AbortSignal.timeout(3000) })).jobs;
+      list = visibleOnly(caller, (await this.client.listJobs({}, { signal: AbortSignal.timeout(3000) })).jobs, jobResources);
       this.lastError = "";
     } catch (e) {
       this.lastError = (e as Error).message;
@@ -160,20 +161,25 @@ export function uiRoutes(deps: UiDeps): HttpRoute[] {
       method: "GET",
       path: "/ui/api/state",
       rpc: "qlora.http.Operator/View",
-      async handler(_req, res) {
+      async handler(_req, res, http) {
         const ctx = deps.ctx();
+        // A token sees the models, adapters, requests and jobs it may use, as in the list RPCs.
+        const caller = http.auth.principal;
         const [models, adapters] = await Promise.all([
-          catalog.loadedModels(),
-          observer.engineStarted ? catalog.residentAdapters() : Promise.resolve([]),
+          catalog.loadedModels().then((l) => visibleOnly(caller, l, (m) => ({ models: [m.name] }))),
+          (observer.engineStarted ? catalog.residentAdapters() : Promise.resolve([])).then((l) =>
+            visibleOnly(caller, l, (a) => ({ models: [a.model], adapters: [a.name] })),
+          ),
         ]);
+        const live = visibleOnly(caller, [...observer.live.values()], (r) => ({ models: [r.model], adapters: [r.adapter] }));
         let running = 0;
         let waiting = 0;
-        for (const r of observer.live.values()) {
+        for (const r of live) {
           if (r.firstTokenAt === null) waiting++;
           else running++;
         }
         const now = Date.now();
-        const jobs = await trainer.jobs();
+        const jobs = await trainer.jobs(caller);
         const health: Record<string, string> = {};
         if (ctx) for (const [k, v] of ctx.health.list()) health[k || "(server)"] = v === 1 ? "SERVING" : "NOT_SERVING";
         sendJson(res, 200, {
@@ -187,7 +193,7 @@ export function uiRoutes(deps: UiDeps): HttpRoute[] {
             totalTokens: observer.totalTokens,
             running,
             waiting,
-            live: [...observer.live.values()].map((r) => ({
+            live: live.map((r) => ({
               id: r.id,
               model: r.model,
               adapter: r.adapter,

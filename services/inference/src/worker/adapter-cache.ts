@@ -21,6 +21,12 @@
  *   admit the request that wanted it (`endStep`), so two loads cannot keep evicting each other.
  * - Entries are keyed by name + sha256 of the weights file: LoadAdapter after the files changed
  *   replaces the resident copy; unchanged files are a no-op.
+ *
+ * Events (for the audit log): every load this cache starts on its own (`ensure`: a request named
+ * an adapter that is not resident) is reported once when it ends, installed or failed, with the
+ * engine id of the request whose need started it; concurrent requests that share the read do not
+ * add events. Budget evictions are reported too. Explicit loads and unloads (`load`, `unload`)
+ * are not: the RPCs that ask for them are audited themselves.
  */
 import { ResourceExhausted } from "@qlora/core";
 import type { AdapterRef, ResidentAdapterInfo, QuantMode } from "../protocol.js";
@@ -63,6 +69,12 @@ export interface AdapterEntry {
   fresh: boolean;
 }
 
+/** What the cache did on its own (see the file comment); `trigger` is an engine request id. */
+export type AdapterCacheEvent =
+  | { kind: "loaded"; ref: AdapterRef; trigger: number | null; entry: AdapterEntry }
+  | { kind: "loadFailed"; ref: AdapterRef; trigger: number | null; error: unknown }
+  | { kind: "evicted"; entry: AdapterEntry };
+
 export class AdapterCache<W> {
   private readonly current = new Map<string, AdapterEntry>();
   /** Every entry that occupies a slot (current, and retired ones still in use). */
@@ -81,6 +93,7 @@ export class AdapterCache<W> {
     readonly budgetBytes: number,
     private readonly model: { name: string; quant: QuantMode },
     private readonly now: () => number = Date.now,
+    private readonly onEvent: (e: AdapterCacheEvent) => void = () => {},
   ) {}
 
   get residentBytes(): number {
@@ -99,9 +112,10 @@ export class AdapterCache<W> {
   /**
    * Makes the adapter resident (reading it if needed; concurrent callers share one read) without
    * taking a reference. Rejects with the loader's typed error for missing or bad files. Resolves
-   * to null when the adapter was unloaded while it loaded.
+   * to null when the adapter was unloaded while it loaded. `trigger` (an engine request id) is
+   * reported with the load event when this call starts the read.
    */
-  ensure(ref: AdapterRef): Promise<AdapterEntry | null> {
+  ensure(ref: AdapterRef, trigger: number | null = null): Promise<AdapterEntry | null> {
     const entry = this.current.get(ref.name);
     if (entry) return Promise.resolve(entry);
     let p = this.loading.get(ref.name);
@@ -111,11 +125,23 @@ export class AdapterCache<W> {
         (files) => {
           this.loading.delete(ref.name);
           if (this.unloadedWhileLoading.delete(ref.name)) return null;
-          return this.install(ref.name, files, started);
+          const loadsBefore = this.loads;
+          let installed: AdapterEntry;
+          try {
+            installed = this.install(ref.name, files, started);
+          } catch (e) {
+            this.onEvent({ kind: "loadFailed", ref, trigger, error: e });
+            throw e;
+          }
+          // install() returns a copy that a concurrent explicit load put in place meanwhile
+          // without loading anything: only a real install is an event.
+          if (this.loads !== loadsBefore) this.onEvent({ kind: "loaded", ref, trigger, entry: installed });
+          return installed;
         },
         (e: unknown) => {
           this.loading.delete(ref.name);
           this.unloadedWhileLoading.delete(ref.name);
+          this.onEvent({ kind: "loadFailed", ref, trigger, error: e });
           throw e;
         },
       );
@@ -125,11 +151,11 @@ export class AdapterCache<W> {
   }
 
   /** A reference for as long as the caller needs (Score), loading the adapter if needed. */
-  async acquire(ref: AdapterRef): Promise<AdapterEntry> {
+  async acquire(ref: AdapterRef, trigger: number | null = null): Promise<AdapterEntry> {
     for (;;) {
       const e = this.tryAcquire(ref.name);
       if (e) return e;
-      await this.ensure(ref);
+      await this.ensure(ref, trigger);
     }
   }
 
@@ -277,6 +303,7 @@ export class AdapterCache<W> {
       if (!victim) return; // everything busy or just installed: over budget until that changes
       this.retire(victim);
       this.evictions++;
+      this.onEvent({ kind: "evicted", entry: victim });
     }
   }
 }

@@ -49,13 +49,20 @@ function getHost(ref: ModelRef): Promise<ModelHost> {
   let p = hosts.get(key);
   if (!p) {
     post({ type: "modelState", name: ref.name, quant: ref.quant, state: "loading" });
-    p = openModel(ref, { maxSequences: options.maxBatch, maxContext: options.maxContext, device: options.device }).then(
+    p = openModel(ref, {
+      maxSequences: options.maxBatch,
+      maxContext: options.maxContext,
+      device: options.device,
+      decodeMatmul: options.decodeMatmul ?? "exact",
+      embeddings: options.embeddings ?? "stored",
+    }).then(
       (model) => {
         const host = new ModelHost(
           model,
           { maxBatch: options.maxBatch, maxTokensPerStep: options.maxTokensPerStep },
           options.adapterBudgetBytes,
           schedule,
+          (event) => post({ type: "adapterEvent", event }),
         );
         ready.set(key, host);
         post({ type: "modelState", name: ref.name, quant: ref.quant, state: "ready" });
@@ -147,7 +154,8 @@ function cancel(id: number): void {
   if (host && host.scheduler.cancel(id)) schedule();
 }
 
-async function handleCall(req: CallRequest): Promise<CallResult> {
+/** `id`: the call's engine id (named in the events of adapters a Score loads). */
+async function handleCall(req: CallRequest, id: number): Promise<CallResult> {
   switch (req.op) {
     case "loadModel": {
       const host = await getHost(req.model);
@@ -169,7 +177,7 @@ async function handleCall(req: CallRequest): Promise<CallResult> {
     case "score": {
       const host = await getHost(req.job.model);
       // Score jobs run one after another, interleaved with generation steps.
-      const run = scoreChain.then(() => host.score(req.job, nextTick));
+      const run = scoreChain.then(() => host.score(req.job, nextTick, id));
       scoreChain = run.catch(() => undefined);
       return { op: "score", result: await run };
     }
@@ -224,7 +232,7 @@ port.on("message", (m: ToWorker) => {
       cancel(m.id);
       break;
     case "call":
-      handleCall(m.request).then(
+      handleCall(m.request, m.id).then(
         (result) => post({ type: "result", id: m.id, result }),
         (e: unknown) => post({ type: "error", id: m.id, error: serializeError(e) }),
       );

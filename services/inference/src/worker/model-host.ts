@@ -5,6 +5,7 @@
  */
 import { InvalidArgument, QloraError, errorMessage } from "@qlora/core";
 import type {
+  AdapterEvent,
   AdapterRef,
   GenerateJob,
   LoadedModelInfo,
@@ -14,7 +15,7 @@ import type {
   ScoreResult,
   SerializedError,
 } from "../protocol.js";
-import { AdapterCache, type AdapterEntry } from "./adapter-cache.js";
+import { AdapterCache, type AdapterCacheEvent, type AdapterEntry } from "./adapter-cache.js";
 import type { RuntimeModel } from "./runtime.js";
 import { Scheduler, type SchedulerLimits, type SchedRequest, type StepOutput } from "./scheduler.js";
 
@@ -36,6 +37,8 @@ export class ModelHost {
     adapterBudgetBytes: number,
     /** Asks the worker loop for a step (something changed outside a step). */
     private readonly wake: () => void,
+    /** Told about the adapter loads and evictions the cache does on its own (audit log). */
+    onAdapterEvent: (e: AdapterEvent) => void = () => {},
   ) {
     this.scheduler = new Scheduler(model.batch, { ...limits, maxContext: model.maxContext });
     this.adapters = new AdapterCache(
@@ -46,7 +49,20 @@ export class ModelHost {
       },
       adapterBudgetBytes,
       { name: model.name, quant: model.quant },
+      Date.now,
+      (e) => onAdapterEvent(this.adapterEvent(e)),
     );
+  }
+
+  /** A cache event as plain data for the main thread. */
+  private adapterEvent(e: AdapterCacheEvent): AdapterEvent {
+    const where = { model: this.model.name, quant: this.model.quant };
+    if (e.kind === "loadFailed") {
+      return { kind: "load", name: e.ref.name, ...where, dir: e.ref.dir, sha256: "", bytes: 0, rank: 0, loadMs: 0, error: serializeError(e.error), trigger: e.trigger };
+    }
+    const x = e.entry;
+    const base = { name: x.name, ...where, sha256: x.sha256, bytes: x.bytes, rank: x.meta.rank, loadMs: x.loadMs };
+    return e.kind === "loaded" ? { kind: "load", ...base, dir: e.ref.dir, trigger: e.trigger } : { kind: "evict", ...base, dir: "", trigger: null };
   }
 
   /** One scheduler step, then the adapters installed before it become evictable. */
@@ -112,7 +128,7 @@ export class ModelHost {
     // The adapter is read and validated now, so bad files fail the request at once; the
     // reference is taken only when the scheduler admits the request into the running batch.
     const adapter = job.adapter;
-    if (adapter) await this.adapters.ensure(adapter);
+    if (adapter) await this.adapters.ensure(adapter, id);
     if (isCancelled()) return null;
     let held: AdapterEntry | null = null;
     return {
@@ -123,7 +139,7 @@ export class ModelHost {
         held = this.adapters.tryAcquire(adapter.name);
         if (held) return held.slot;
         // Evicted or unloaded since the request arrived: load it again, then retry admission.
-        this.adapters.ensure(adapter).then(
+        this.adapters.ensure(adapter, id).then(
           () => this.wake(),
           (e: unknown) => {
             this.scheduler.fail(id, serializeError(e));
@@ -154,7 +170,7 @@ export class ModelHost {
    * Scores texts one at a time; `yieldToScheduler` runs between texts so that generation keeps
    * streaming while a long Score request is in progress.
    */
-  async score(job: ScoreJob, yieldToScheduler: () => Promise<void>): Promise<ScoreResult> {
+  async score(job: ScoreJob, yieldToScheduler: () => Promise<void>, trigger: number | null = null): Promise<ScoreResult> {
     if (job.texts.length === 0) throw new InvalidArgument("texts is empty");
     const encoded = job.texts.map((t, i) => {
       if (t.length === 0) throw new InvalidArgument(`texts[${i}] is empty`);
@@ -164,7 +180,7 @@ export class ModelHost {
       return Int32Array.from(ids);
     });
     let entry: AdapterEntry | null = null;
-    if (job.adapter) entry = await this.adapters.acquire(job.adapter);
+    if (job.adapter) entry = await this.adapters.acquire(job.adapter, trigger);
     try {
       const losses: number[] = [];
       let sum = 0;

@@ -8,7 +8,7 @@ import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { join } from "node:path";
 import { InvalidArgument } from "@qlora/core";
-import { setThreads } from "@qlora/kernels";
+import { setThreads, type DecodeMatmul } from "@qlora/kernels";
 import {
   NativeSampler,
   SequenceState,
@@ -16,6 +16,7 @@ import {
   loadAdapter,
   loadModel,
   resolveSampling,
+  type EmbeddingsMode,
   type LoadedAdapter,
   type LoadedModel,
 } from "@qlora/model";
@@ -67,6 +68,10 @@ export interface OpenOptions {
   maxContext: number;
   /** Where the engine runs (FailedPrecondition from loadModel when "cuda" is unavailable). */
   device: "cpu" | "cuda";
+  /** Decode-step NF4 matmul (default "exact"). */
+  decodeMatmul?: DecodeMatmul;
+  /** embed_tokens / lm_head as stored (default) or NF4. */
+  embeddings?: EmbeddingsMode;
 }
 
 export function setEngineThreads(n: number): void {
@@ -103,11 +108,18 @@ class Runtime implements RuntimeModel {
     private readonly lm: LoadedModel,
   ) {
     const native = lm.native;
+    // One logits buffer for every step (grown to the largest batch seen): a fresh [rows, vocab]
+    // array per step would be ~0.5 MB of garbage per token for a 128K vocabulary.
+    let logits = new Float32Array(0);
     this.batch = {
       vocabSize: lm.vocabSize,
       createSequence: () => native.createSequence(),
       dropSequence: (seq: number) => native.dropSequence(seq),
-      forward: (rows: ForwardRow[]) => native.forward(rows),
+      forward: (rows: ForwardRow[]) => {
+        const need = rows.length * lm.vocabSize;
+        if (logits.length < need) logits = new Float32Array(need);
+        return native.forward(rows, { out: logits });
+      },
     };
   }
 
@@ -189,6 +201,8 @@ export async function openModel(ref: ModelRef, options: OpenOptions): Promise<Ru
     maxSequences: options.maxSequences,
     device: options.device,
     ...(options.maxContext > 0 ? { maxContext: options.maxContext } : {}),
+    ...(options.decodeMatmul ? { decodeMatmul: options.decodeMatmul } : {}),
+    ...(options.embeddings ? { embeddings: options.embeddings } : {}),
   });
   return new Runtime(ref.name, lm);
 }
