@@ -6,8 +6,16 @@
 // tokens on 2048×2048 and 8192×2048 vs the card's dense bf16 peak; LoRA r=16 forward/backward; attention
 // (decode over a 1024-token cache, training batch 8 × 512) at the Llama-3.2-1B head shape (32 q heads,
 // 8 kv heads, head_dim 64); and a decode-step floor from the GEMVs of every Llama-3.2-1B linear.
+// Then the engine itself (engine::CudaModel through NativeModel, docs/cuda.md §6) on the Llama-3.2-1B
+// shape: decode tok/s at batch 1 (CUDA graphs on and off) and batch 8, prefill tok/s.
+//   --engine-only         skip the kernel rows
+//   --from-checkpoint     load the random BF16 checkpoint of bench/checkpoints.mjs through loadModel
+//                         (NF4 on load; ~2.5 GB written on first use) instead of random NF4 weights
+//                         made in memory (the default: seconds, no disk)
+import { randomFillSync } from "node:crypto";
 import { writeFileSync } from "node:fs";
-import { cudaInfo, cudaOps } from "@qlora/kernels";
+import { cudaInfo, cudaOps, NativeModel } from "@qlora/kernels";
+import { PRESETS } from "./checkpoints.mjs";
 
 const args = process.argv.slice(2);
 const requireDevice = args.includes("--require-device");
@@ -38,6 +46,11 @@ const row = (name, value, unit, note = "") => {
   console.log(`${name.padEnd(44)} ${value.toFixed(value >= 100 ? 0 : 2).padStart(10)} ${unit.padEnd(9)} ${note}`);
 };
 
+const engineOnly = args.includes("--engine-only");
+if (!engineOnly) kernelRows();
+await engineRows();
+
+function kernelRows() {
 const copy = cudaOps.bench("copy", { bytes: 1 << 30, iters: 10 });
 row("device copy D2D (read+write)", copy.gbps, "GB/s");
 
@@ -76,5 +89,110 @@ for (const [N, K] of layer) ms += 16 * cudaOps.bench("gemv", { M: 1, N, K, iters
 ms += cudaOps.bench("gemv", { M: 1, N: 128256, K: 2048, iters: 20 }).ms;
 ms += 16 * dec.ms;
 row("decode floor: 1B linears + attention (est.)", 1000 / ms, "tok/s", `${ms.toFixed(3)} ms/token of kernels, no launch overhead`);
+}
+
+// ---- the engine on the Llama-3.2-1B shape -------------------------------------------------------
+/** Random weights of the preset's shapes: NF4 linears (blocksize 64), the tied embedding in BF16. */
+function randomWeights(hf) {
+  const H = hf.hidden_size, I = hf.intermediate_size, V = hf.vocab_size, hd = hf.head_dim;
+  const q = hf.num_attention_heads * hd, kv = hf.num_key_value_heads * hd;
+  const nf4 = (out, inp) => {
+    const n = out * inp, data = new Uint8Array(n / 2), absmax = new Float32Array(n / 64);
+    randomFillSync(data);  // uniform codes: a worst case for nothing, the kernels read every byte anyway
+    absmax.fill(0.02);
+    return { dtype: "nf4", shape: [out, inp], data, absmax, blocksize: 64 };
+  };
+  const ones = (n) => ({ dtype: "f32", shape: [n], data: new Uint8Array(new Float32Array(n).fill(1).buffer) });
+  // bf16 values in ±[2⁻⁸, 2⁻⁷): exponent 119, random sign and mantissa (never NaN/Inf)
+  const emb = new Uint16Array(V * H);
+  randomFillSync(emb);
+  for (let i = 0; i < emb.length; i++) emb[i] = (emb[i] & 0x807f) | (119 << 7);
+  const w = { embed_tokens: { dtype: "bf16", shape: [V, H], data: new Uint8Array(emb.buffer) }, "norm.weight": ones(H) };
+  for (let l = 0; l < hf.num_hidden_layers; l++) {
+    const p = `layers.${l}.`;
+    Object.assign(w, {
+      [`${p}self_attn.q_proj.weight`]: nf4(q, H), [`${p}self_attn.k_proj.weight`]: nf4(kv, H),
+      [`${p}self_attn.v_proj.weight`]: nf4(kv, H), [`${p}self_attn.o_proj.weight`]: nf4(H, q),
+      [`${p}mlp.gate_proj.weight`]: nf4(I, H), [`${p}mlp.up_proj.weight`]: nf4(I, H), [`${p}mlp.down_proj.weight`]: nf4(H, I),
+      [`${p}input_layernorm.weight`]: ones(H), [`${p}post_attention_layernorm.weight`]: ones(H),
+    });
+  }
+  return w;
+}
+
+function engineConfig(hf) {
+  const rs = hf.rope_scaling;
+  return {
+    arch: "llama", hiddenSize: hf.hidden_size, intermediateSize: hf.intermediate_size, numLayers: hf.num_hidden_layers,
+    numHeads: hf.num_attention_heads, numKvHeads: hf.num_key_value_heads, headDim: hf.head_dim, vocabSize: hf.vocab_size,
+    maxPositions: hf.max_position_embeddings, normEps: hf.rms_norm_eps, ropeTheta: hf.rope_theta,
+    ropeScaling: rs ? { type: "llama3", factor: rs.factor, lowFreqFactor: rs.low_freq_factor, highFreqFactor: rs.high_freq_factor,
+      originalMaxPositions: rs.original_max_position_embeddings } : null,
+    hiddenAct: "silu", tiedEmbeddings: hf.tie_word_embeddings, qkvBias: false, oBias: false, mlpBias: false,
+  };
+}
+
+async function engineRows() {
+  const preset = "llama-3.2-1b", hf = PRESETS[preset];
+  const maxContext = 1024, maxSequences = 8;
+  const t0 = performance.now();
+  const models = [];
+  let source;
+  if (args.includes("--from-checkpoint")) {
+    const { ensureCheckpoint } = await import("./checkpoints.mjs");
+    const { loadModel } = await import("@qlora/model");
+    const { dir } = await ensureCheckpoint(preset);
+    models.push((await loadModel(dir, { device: "cuda", maxSequences, maxContext })).native);  // no eager twin
+    source = "checkpoint (NF4 on load)";
+  } else {
+    const cfg = engineConfig(hf), weights = randomWeights(hf);
+    models.push(new NativeModel(cfg, weights, { device: "cuda", maxSequences, maxContext }));
+    models.push(new NativeModel(cfg, weights, { device: "cuda", maxSequences, maxContext, cudaGraphs: false }));
+    source = "random NF4 in memory";
+  }
+  const [m, eager] = models;
+  console.log(`engine: ${preset} shape, ${source}, ${(m.residentBytes() / 2 ** 30).toFixed(2)} GiB on the device, built in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  const V = hf.vocab_size, out = new Float32Array(maxSequences * V);
+  const prompt = Int32Array.from({ length: 128 }, (_, i) => (i * 7919 + 3) % V);
+
+  // decode: `steps` steps of `batch` rows after a 128-token prefill per row; wall clock (host
+  // overhead, H2D of the token ids, graph launch, D2H of the logits included), best of 3
+  const decode = (model, batch, steps) => {
+    let best = Infinity;
+    for (let rep = 0; rep < 3; rep++) {
+      const seqs = Array.from({ length: batch }, () => model.createSequence());
+      model.forward(seqs.map((seq) => ({ seq, tokens: prompt, adapter: -1 })), { out });
+      const rows = seqs.map((seq, i) => ({ seq, tokens: Int32Array.of(i + 5), adapter: -1 }));
+      model.forward(rows, { out });  // first decode step: captures the graph
+      const ts = performance.now();
+      for (let s = 0; s < steps; s++) model.forward(rows, { out });
+      best = Math.min(best, performance.now() - ts);
+      for (const seq of seqs) model.dropSequence(seq);
+    }
+    return (batch * steps * 1000) / best;
+  };
+  const tps1 = decode(m, 1, 200);
+  row("engine decode batch 1 (1B, CUDA graphs)", tps1, "tok/s", `${(1000 / tps1).toFixed(3)} ms/token; target >= 500`);
+  if (eager) {
+    const e1 = decode(eager, 1, 100);
+    row("engine decode batch 1 (1B, eager launches)", e1, "tok/s", `${(1000 / e1).toFixed(3)} ms/token`);
+  }
+  const tps8 = decode(m, 8, 100);
+  row("engine decode batch 8 (1B, CUDA graphs)", tps8, "tok/s", `${((8 * 1000) / tps8).toFixed(3)} ms/step`);
+  // prefill: one 512-token row on a fresh sequence (bf16 tensor-core GEMMs), best of 3
+  const long = Int32Array.from({ length: 512 }, (_, i) => (i * 104729 + 11) % V);
+  let best = Infinity;
+  for (let rep = 0; rep < 3; rep++) {
+    const seq = m.createSequence();
+    const ts = performance.now();
+    m.forward([{ seq, tokens: long, adapter: -1 }], { out });
+    best = Math.min(best, performance.now() - ts);
+    m.dropSequence(seq);
+  }
+  row("engine prefill 512 tokens (1B)", (512 * 1000) / best, "tok/s", `${best.toFixed(1)} ms`);
+  const g = m.cudaGraphStats();
+  console.log(`graphs captured ${g.captured}, replayed ${g.launches}`);
+  for (const x of models) x.dispose();
+}
 
 if (jsonFile) writeFileSync(jsonFile, JSON.stringify(out, null, 1));

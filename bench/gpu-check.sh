@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the CUDA kernel layer (docs/cuda.md): build with nvcc, print cudaInfo, run the
-# GPU tests (every kernel against the CPU path), run the GPU benchmarks, and print a short table last.
-# Each step is bounded by `timeout`, the whole run stays under 8 minutes.
+# One-shot GPU check of the CUDA layer (docs/cuda.md): build with nvcc, print cudaInfo, run the GPU
+# tests (every kernel against the CPU path; the CUDA engine against the CPU engine, incl. stories260K
+# when QLORA_STORIES_DIR or ../shared has it), run the GPU benchmarks (kernels, then the engine on the
+# Llama-3.2-1B shape), and print a short table last. Each step is bounded by `timeout`; without the
+# build step the run takes a few minutes (worst case 240 + 300 s).
 #   QLORA_GPU_CHECK_BUILD=0  use the addon and dist/ already built (e.g. built here with nvcc and
 #                            carried to the GPU machine) instead of building
 # Exit status: 0 all passed; 1 a build, test or benchmark step failed; 2 no CUDA device / no CUDA build.
@@ -16,7 +18,7 @@ fail() { printf '\ngpu-check: FAILED: %s\n' "$1" >&2; exit "${2:-1}"; }
 if [ "${QLORA_GPU_CHECK_BUILD:-1}" != 0 ]; then
   step "build (nvcc + addon + TypeScript)"
   timeout 300 npm run build:native || fail "native build (nvcc or g++)"
-  timeout 120 npx tsc -b libs/kernels || fail "TypeScript build"
+  timeout 120 npx tsc -b libs/kernels libs/model || fail "TypeScript build"
 fi
 
 step "cudaInfo"
@@ -28,14 +30,16 @@ node --input-type=module -e '
   if (!i.available) { console.log(`no CUDA device: ${i.reason}`); process.exit(2); }
 ' || fail "no usable CUDA device or CUDA build (see above)" 2
 
-step "GPU tests (libs/kernels/test/cuda.test.ts)"
-timeout 180 node --test --test-reporter=spec libs/kernels/dist/test/cuda.test.js 2>&1 | tee "$work/tests.log"
+step "GPU tests (libs/kernels/test/cuda.test.ts, cuda-engine.test.ts, libs/model/test/device.test.ts)"
+tests=(libs/kernels/dist/test/cuda.test.js libs/kernels/dist/test/cuda-engine.test.js)
+[ -f libs/model/dist/test/device.test.js ] && tests+=(libs/model/dist/test/device.test.js)
+timeout 240 node --test --test-reporter=spec "${tests[@]}" 2>&1 | tee "$work/tests.log"
 test_rc=${PIPESTATUS[0]}
 pass=$(sed -n 's/^ℹ pass //p' "$work/tests.log"); failn=$(sed -n 's/^ℹ fail //p' "$work/tests.log")
 skipped=$(sed -n 's/^ℹ skipped //p' "$work/tests.log")
 
-step "GPU benchmarks (bench/cuda.bench.mjs)"
-timeout 150 node bench/cuda.bench.mjs --require-device --json "$work/bench.json"
+step "GPU benchmarks (bench/cuda.bench.mjs: kernels, then the engine)"
+timeout 300 node bench/cuda.bench.mjs --require-device --json "$work/bench.json"
 bench_rc=$?
 
 step "summary"

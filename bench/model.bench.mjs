@@ -445,7 +445,9 @@ function waitForAddon() {
 
 function runChild(mode, args, threads, retry = true) {
   waitForAddon();
-  const r = spawnSync(process.execPath, [SELF, mode, JSON.stringify(args)], {
+  // The young generation capped like the inference service's engine worker
+  // (services/inference/src/engine-client.ts ENGINE_WORKER_YOUNG_GENERATION_MB = 3 × 2 MiB semi-spaces).
+  const r = spawnSync(process.execPath, ["--max-semi-space-size=2", SELF, mode, JSON.stringify(args)], {
     env: { ...process.env, QLORA_THREADS: String(threads) },
     encoding: "utf8",
     stdio: ["ignore", "pipe", "inherit"],

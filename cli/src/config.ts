@@ -376,15 +376,15 @@ export interface CudaSupport {
 }
 
 /**
- * Asks the native kernels about CUDA. The contract: `@qlora/kernels` exports
- * `cudaInfo(): { built: boolean; devices: number; reason?: string }` once it has CUDA code; until
- * then (this CPU-only build) the answer is "not built". Loads the addon only when called.
+ * Asks the native kernels about CUDA (`cudaInfo()` of @qlora/kernels, docs/cuda.md §3): built =
+ * compiled with nvcc; devices = usable GPUs (compute capability >= 8.0), 0 with the driver's reason
+ * otherwise. Loads the addon only when called.
  */
 export async function probeCuda(): Promise<CudaSupport> {
-  const kernels = (await import("@qlora/kernels")) as unknown as { cudaInfo?: () => Partial<CudaSupport> };
-  if (typeof kernels.cudaInfo !== "function") return { built: false, devices: 0 };
-  const info = kernels.cudaInfo();
-  return { built: info.built === true, devices: Number(info.devices ?? 0) || 0, ...(info.reason ? { reason: String(info.reason) } : {}) };
+  const { cudaInfo } = await import("@qlora/kernels");
+  const info = cudaInfo();
+  const devices = info.available ? info.devices.filter((d) => Number(d.computeCapability) >= 8).length : 0;
+  return { built: info.compiled, devices, ...(info.reason ? { reason: info.reason } : {}) };
 }
 
 /**

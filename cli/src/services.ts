@@ -4,6 +4,7 @@
  * implemented yet say why, so `--services trainer` fails with a clear message instead of an
  * unknown-name error.
  */
+import { FailedPrecondition } from "@qlora/core";
 import type { ServiceRegistration } from "@qlora/rpc";
 import type { ArtifactStore } from "@qlora/store";
 import type { JobStore } from "@qlora/trainer";
@@ -16,6 +17,10 @@ export interface ServeContext {
   replicaId?: string | undefined;
   /** The configured job store (PostgreSQL); undefined: the trainer's embedded SQLite. */
   openJobStore?: () => Promise<JobStore | undefined>;
+  /** --device as resolved (inference loads its bases there); undefined: cpu. */
+  device?: "cpu" | "cuda";
+  /** --device as asked: the trainer refuses "cuda" and trains on the CPU for auto / cpu. */
+  config?: { device: "auto" | "cpu" | "cuda" };
   /** --decode-matmul: the inference service's decode-step NF4 matmul (undefined: exact). */
   decodeMatmul?: "exact" | "int8" | undefined;
   /** --embeddings: the inference service's token embeddings / lm_head (undefined: as stored). */
@@ -29,15 +34,21 @@ export type ServiceFactory = (ctx: ServeContext) => ServiceRegistration | Promis
 export const SERVICES: Record<string, ServiceFactory | { unavailable: string }> = {
   // Imported on demand: service packages load native code that other commands do not need.
   quantizer: async ({ store }) => (await import("@qlora/quantizer")).quantizerService(store),
-  trainer: async ({ store, dataDir, replicaId, openJobStore, adapterLimits }) => {
+  trainer: async ({ store, dataDir, replicaId, openJobStore, adapterLimits, config }) => {
+    if (config?.device === "cuda") {
+      throw new FailedPrecondition(
+        "--device cuda: training on CUDA is not implemented yet; start the trainer with --device auto|cpu (e.g. --services quantizer,inference for a CUDA inference server)",
+      );
+    }
     const { trainerService } = await import("@qlora/trainer");
     const jobStore = await openJobStore?.();
     const maxLoraRank = adapterLimits?.maxRank;
     return trainerService({ store, dataDir, ...(jobStore ? { jobStore } : {}), ...(replicaId ? { replicaId } : {}), ...(maxLoraRank ? { maxLoraRank } : {}) });
   },
-  inference: async ({ store, adapterLimits, decodeMatmul, embeddings }) =>
+  inference: async ({ store, device, adapterLimits, decodeMatmul, embeddings }) =>
     (await import("@qlora/inference")).inferenceService({
       store,
+      device: device ?? "cpu",
       ...(decodeMatmul ? { decodeMatmul } : {}),
       ...(embeddings ? { embeddings } : {}),
       ...(adapterLimits?.maxRank ? { maxAdapterRank: adapterLimits.maxRank } : {}),

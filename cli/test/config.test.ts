@@ -407,11 +407,11 @@ describe("the Kubernetes manifests configure qlora serve", { skip: noKubectl }, 
           assert.equal(conf.store.forcePathStyle, true, what);
           assert.equal(conf.store.credentials, "env", what);
         }
-        const gpuTrainer = overlay.endsWith("gpu") && d.metadata.name === "trainer";
-        assert.equal(conf.device, gpuTrainer ? "cuda" : "auto", what);
-        if (gpuTrainer) {
-          // The CUDA image must bring the kernels' CUDA support: this CPU build refuses it clearly.
-          await assert.rejects(resolveDevice(conf.device, async () => ({ built: false, devices: 0 })), /no CUDA support/);
+        // Every server runs --device auto: the GPU trainer too, until training on CUDA exists (it is
+        // refused at start with --device cuda; docs/deploy.md). auto takes the GPU where it is usable.
+        assert.equal(conf.device, "auto", what);
+        if (overlay.endsWith("gpu") && d.metadata.name === "trainer") {
+          assert.equal(await resolveDevice(conf.device, async () => ({ built: false, devices: 0 })), "cpu");
           assert.equal(await resolveDevice(conf.device, async () => ({ built: true, devices: 1 })), "cuda");
         }
       }

@@ -71,7 +71,7 @@ test("train --help lists exactly the documented flags", async () => {
   const expected = [
     "model", "data", "out", "rank", "alpha", "dropout", "target", "epochs", "max-steps", "batch-size", "grad-accum",
     "block-size", "lr", "scheduler", "warmup-steps", "weight-decay", "max-grad-norm", "seed", "save-steps",
-    "save-total-limit", "logging-steps", "eval-data", "eval-steps", "packing", "quant", "resume", "help", "json",
+    "save-total-limit", "logging-steps", "eval-data", "eval-steps", "packing", "quant", "device", "resume", "help", "json",
   ];
   assert.deepEqual(flags, expected);
 });

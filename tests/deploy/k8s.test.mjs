@@ -202,13 +202,14 @@ function checkInvariants(objs, { writableRoot = [], selfContained = false, requi
 }
 
 const gpuRequest = (c) => [c.resources?.limits?.["nvidia.com/gpu"], c.resources?.requests?.["nvidia.com/gpu"]];
-function assertOnGpu(objs, name) {
+// device: what --device must say (the trainer runs "auto" until training on CUDA exists; docs/cuda.md).
+function assertOnGpu(objs, name, device) {
   const d = serviceDeployment(objs, name);
   const c = serverContainer(d);
   const spec = d.spec.template.spec;
   assert.deepEqual(gpuRequest(c).map(String), ["1", "1"], `${name}: nvidia.com/gpu limit and request must be 1`);
   assert.match(c.image, /qlora-cuda:/, `${name}: must run the CUDA image`);
-  assert.equal(c.args[c.args.indexOf("--device") + 1], "cuda", `${name}: must run with --device cuda`);
+  assert.equal(c.args[c.args.indexOf("--device") + 1], device, `${name}: must run with --device ${device}`);
   assert.ok(Object.keys(spec.nodeSelector ?? {}).some((k) => k.startsWith("nvidia.com/")), `${name}: no GPU nodeSelector`);
   assert.ok(
     spec.tolerations?.some((t) => t.key === "nvidia.com/gpu" && t.effect === "NoSchedule"),
@@ -292,7 +293,7 @@ describe("deploy/k8s overlays", { skip: noKubectl }, () => {
 
   test("gpu overlay: the trainer runs on the GPU pool, the others on CPU", () => {
     const objs = rendered.gpu;
-    assertOnGpu(objs, "trainer");
+    assertOnGpu(objs, "trainer", "auto");
     assertOnCpu(objs, "quantizer");
     assertOnCpu(objs, "inference");
     assert.ok(find(objs, "HorizontalPodAutoscaler", "inference"));
@@ -302,8 +303,8 @@ describe("deploy/k8s overlays", { skip: noKubectl }, () => {
 
   test("inference-gpu component moves inference to the GPU pool", () => {
     const objs = rendered["gpu+inference-gpu"];
-    assertOnGpu(objs, "trainer");
-    assertOnGpu(objs, "inference");
+    assertOnGpu(objs, "trainer", "auto");
+    assertOnGpu(objs, "inference", "cuda");
     assertOnCpu(objs, "quantizer");
   });
 

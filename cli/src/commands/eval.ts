@@ -8,18 +8,19 @@ const ADAPTER_SLOT = 0;
 export const evalCommand = defineCommand({
   name: "eval",
   summary: "Mean next-token cross-entropy (and perplexity) of a model on a data file",
-  usage: "qlora eval --model DIR [--adapter DIR] --data FILE [--quant nf4|none] [--embeddings stored|nf4]",
+  usage: "qlora eval --model DIR [--adapter DIR] --data FILE [--quant nf4|none] [--embeddings stored|nf4] [--device auto|cpu|cuda]",
   description: [
     "Scores every example of FILE — .jsonl with one {\"text\": ...} per line, or .txt with one example",
     "per non-empty line — encoded with the tokenizer's special tokens (BOS + tokens). The loss is the",
     "token-weighted mean next-token cross-entropy over all examples; perplexity = exp(loss).",
-    "With --json, prints {loss, perplexity, tokens, examples}.",
+    "With --json, prints {loss, perplexity, tokens, examples, device}.",
   ].join("\n"),
   options: {
     model: { type: "string", value: "DIR", description: "Model directory (config.json, safetensors, tokenizer.json)" },
     adapter: { type: "string", value: "DIR", description: "PEFT LoRA adapter directory" },
     data: { type: "string", value: "FILE", description: "Examples: .jsonl ({\"text\": ...} per line) or .txt (one per line)" },
     quant: { type: "string", value: "nf4|none", description: "Base weights in NF4 or full precision", default: "nf4" },
+    device: { type: "string", value: "auto|cpu|cuda", description: "Where the model runs (auto: cuda when a GPU is usable)", default: "auto" },
     embeddings: { type: "string", value: "stored|nf4", description: "Token embeddings / lm_head as stored, or NF4 (smaller, slightly less accurate)", default: "stored" },
   },
   async run({ args, io, json, signal }) {
@@ -27,10 +28,11 @@ export const evalCommand = defineCommand({
     const dataFile = path.resolve(io.cwd, args.requiredString("data"));
     const quant = args.choice("quant", ["nf4", "none"] as const) ?? "nf4";
     const embeddings = args.choice("embeddings", ["stored", "nf4"] as const) ?? "stored";
+    const device = args.choice("device", ["auto", "cpu", "cuda"] as const) ?? "auto";
     // Read the data first: a malformed file should fail before a model is loaded.
     const { evaluate, installAdapter, loadAdapter, loadModel, readEvalExamples } = await import("@qlora/model");
     const texts = await readEvalExamples(dataFile);
-    const model = await loadModel(modelDir, { quant, embeddings, maxSequences: 1 });
+    const model = await loadModel(modelDir, { quant, embeddings, device, maxSequences: 1 });
     try {
       let adapterSlot = -1;
       const adapterArg = args.string("adapter");
@@ -42,10 +44,10 @@ export const evalCommand = defineCommand({
       }
       const r = await evaluate(model, texts, adapterSlot, { signal });
       if (json) {
-        writeJsonLine(io, { loss: r.loss, perplexity: r.perplexity, tokens: r.tokens, examples: r.examples });
+        writeJsonLine(io, { loss: r.loss, perplexity: r.perplexity, tokens: r.tokens, examples: r.examples, device: model.device });
       } else {
         io.stdout.write(
-          `loss ${r.loss.toFixed(6)}  perplexity ${r.perplexity.toFixed(4)}  (${r.tokens} tokens, ${r.examples} example${r.examples === 1 ? "" : "s"}; ${quant}${embeddings === "nf4" ? ", nf4 embeddings" : ""})\n`,
+          `loss ${r.loss.toFixed(6)}  perplexity ${r.perplexity.toFixed(4)}  (${r.tokens} tokens, ${r.examples} example${r.examples === 1 ? "" : "s"}; ${quant}${embeddings === "nf4" ? ", nf4 embeddings" : ""}, ${model.device})\n`,
         );
       }
       return 0;

@@ -43,6 +43,7 @@ export const generate = defineCommand({
     quant: { type: "string", value: "nf4|none", description: "Base weights in NF4 or full precision", default: "nf4" },
     embeddings: { type: "string", value: "stored|nf4", description: "Token embeddings / lm_head as stored, or NF4 (smaller, slightly less accurate)", default: "stored" },
     "decode-matmul": { type: "string", value: "exact|int8", description: "Decode-step NF4 matmul: exact fp32 weights, or int8 activations (faster, ~1% error per output)", default: "exact" },
+    device: { type: "string", value: "auto|cpu|cuda", description: "Where the model runs (auto: cuda when a GPU is usable)", default: "auto" },
   },
   async run({ args, io, json, signal }) {
     const modelDir = path.resolve(io.cwd, args.requiredString("model"));
@@ -51,6 +52,7 @@ export const generate = defineCommand({
     const quant = args.choice("quant", ["nf4", "none"] as const) ?? "nf4";
     const embeddings = args.choice("embeddings", ["stored", "nf4"] as const) ?? "stored";
     const decodeMatmul = args.choice("decode-matmul", ["exact", "int8"] as const) ?? "exact";
+    const device = args.choice("device", ["auto", "cpu", "cuda"] as const) ?? "auto";
     const maxNewTokens = args.int("max-new-tokens", { min: 1, max: 1_000_000 }) ?? 128;
     const temperature = numberOption(args, "temperature", 0, 100);
     const topK = args.int("top-k", { min: 0 });
@@ -68,7 +70,7 @@ export const generate = defineCommand({
     const stop = stopArg === undefined ? [] : [stopArg];
 
     const { generate: runGenerate, installAdapter, loadAdapter, loadModel } = await import("@qlora/model");
-    const model: LoadedModel = await loadModel(modelDir, { quant, embeddings, decodeMatmul, maxSequences: 1 });
+    const model: LoadedModel = await loadModel(modelDir, { quant, embeddings, decodeMatmul, device, maxSequences: 1 });
     try {
       let adapterSlot = -1;
       const adapterArg = args.string("adapter");
@@ -97,6 +99,7 @@ export const generate = defineCommand({
           text: result.text,
           token_ids: result.tokenIds,
           finish_reason: result.finishReason,
+          device: model.device,
           usage: { prompt_tokens: result.usage.promptTokens, completion_tokens: result.usage.completionTokens },
           timings: {
             time_to_first_token_ms: result.timings.timeToFirstTokenMs,
@@ -110,7 +113,7 @@ export const generate = defineCommand({
           const t = result.timings;
           io.stderr.write(
             `[${result.usage.completionTokens} tokens, ${result.finishReason}; first token ${t.timeToFirstTokenMs.toFixed(0)} ms, ` +
-              `${t.tokensPerSecond.toFixed(1)} tokens/s; ${quant}${embeddings === "nf4" ? ", nf4 embeddings" : ""}${decodeMatmul === "int8" ? ", int8 decode matmul" : ""}]\n`,
+              `${t.tokensPerSecond.toFixed(1)} tokens/s; ${quant}${embeddings === "nf4" ? ", nf4 embeddings" : ""}${decodeMatmul === "int8" ? ", int8 decode matmul" : ""}, ${model.device}]\n`,
           );
         }
       }

@@ -1,5 +1,5 @@
 import path from "node:path";
-import { Cancelled } from "@qlora/core";
+import { Cancelled, FailedPrecondition } from "@qlora/core";
 import { train as runTraining, TRAIN_DEFAULTS, type TrainEvent, type TrainOptions } from "@qlora/model";
 import { defineCommand, UsageError, type Args, type Io } from "../command.js";
 import { formatDuration, writeJsonLine } from "../output.js";
@@ -60,7 +60,7 @@ function humanReporter(io: Io): { onEvent(e: TrainEvent): void; clear(): void } 
         case "start":
           startedAt = Date.now();
           line(
-            `training ${e.totalSteps} steps (${e.stepsPerEpoch} per epoch) on ${e.trainRows} rows` +
+            `training ${e.totalSteps} steps (${e.stepsPerEpoch} per epoch) on ${e.trainRows} rows (${e.device})` +
               `${e.evalRows !== null ? ` (eval: ${e.evalRows})` : ""}, ${e.trainableParameters.toLocaleString("en-US")} trainable parameters` +
               `${e.resumedFromStep > 0 ? `; resuming from step ${e.resumedFromStep}` : ""}` +
               `${e.dataset.truncated > 0 ? `; ${e.dataset.truncated} examples truncated` : ""}` +
@@ -147,10 +147,16 @@ export const train = defineCommand({
     "eval-steps": { type: "string", value: "N", description: "Evaluate every N steps", default: "--save-steps" },
     packing: { type: "boolean", description: "Pack short jsonl examples into blocks (no attention across them)" },
     quant: { type: "string", value: "nf4|none", description: "Base weights in NF4 or full precision", default: "nf4" },
+    device: { type: "string", value: "auto|cpu|cuda", description: "Training runs on the CPU (cuda: not implemented yet)", default: "auto" },
     resume: { type: "boolean", description: "Continue from the newest checkpoint in --out" },
   },
   async run({ args, io, json, signal }) {
     const resolve = (p: string): string => path.resolve(io.cwd, p);
+    // LoRA training has no CUDA path yet: refuse "cuda" before anything is read, never fall back
+    // silently; auto resolves to the CPU (the start event reports the device).
+    if (args.choice("device", ["auto", "cpu", "cuda"] as const) === "cuda") {
+      throw new FailedPrecondition("--device cuda: training on CUDA is not implemented yet (use --device auto|cpu)");
+    }
     const modelArg = args.requiredString("model");
     const options: TrainOptions = {
       model: resolve(modelArg),

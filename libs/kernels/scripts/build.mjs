@@ -38,8 +38,9 @@ async function buildCuda(nvcc) {
   const cudart = cudartStatic(nvcc);
   if (!cudart) throw new Error(`libcudart_static.a not found next to ${nvcc}`);
   mkdirSync(cudaBuildDir, { recursive: true });
-  // any header the .cu files can include (csrc/cuda/*.cuh|h, csrc/cpu/*.h) invalidates every object
-  const headers = [...listDir(cudaDir, ".cuh"), ...listDir(cudaDir, ".h"), ...listDir(join(root, "csrc", "cpu"), ".h")];
+  // any header the .cu files can include (csrc/cuda/*.cuh|h, csrc/cpu/*.h, csrc/model/*.h) invalidates every object
+  const headers = [...listDir(cudaDir, ".cuh"), ...listDir(cudaDir, ".h"), ...listDir(join(root, "csrc", "cpu"), ".h"),
+    ...listDir(join(root, "csrc", "model"), ".h")];  // cuda/model_cuda.h includes model/model.h
   const newestHeader = Math.max(0, ...headers.map(mtime));
   const flags = [...nvccFlags, `-I${join(root, "csrc")}`];
   const flagsFile = join(cudaBuildDir, "flags.txt");

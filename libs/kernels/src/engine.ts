@@ -51,6 +51,14 @@ export interface EngineOptions {
    * longer steps always run the exact kernel.
    */
   decodeMatmul?: DecodeMatmul;
+  /**
+   * Where the model runs (default "cpu"). "cuda": engine::CudaModel (docs/cuda.md §6) — weights,
+   * KV caches and adapters are copied to the GPU; FailedPrecondition when the addon has no CUDA or
+   * no device is available (the reason from cudaInfo()). Resolve "auto" with resolveDevice() first.
+   */
+  device?: "cpu" | "cuda";
+  /** CUDA only: replay decode steps from captured CUDA graphs (default true). */
+  cudaGraphs?: boolean;
 }
 
 export type DecodeMatmul = "exact" | "int8";
@@ -119,10 +127,15 @@ export class NativeModel {
   readonly config: EngineConfig;
   readonly maxSequences: number;
   readonly maxContext: number;
+  /** The device the model lives on. */
+  readonly device: "cpu" | "cuda";
   readonly decodeMatmul: DecodeMatmul;
   #m: any;
 
   constructor(config: EngineConfig, weights: Record<string, WeightTensor>, options: EngineOptions = {}) {
+    if (options.device !== undefined && options.device !== "cpu" && options.device !== "cuda") {
+      throw new InvalidArgument(`device must be "cpu" or "cuda" (resolve "auto" with resolveDevice), got ${JSON.stringify(options.device)}`);
+    }
     modelClass ??= native.engineModelClass();
     try {
       this.#m = new modelClass!(config, weights, options);
@@ -134,6 +147,17 @@ export class NativeModel {
     this.maxSequences = info.maxSequences;
     this.maxContext = info.maxContext;
     this.decodeMatmul = info.decodeMatmul;
+    this.device = info.device;
+  }
+
+  /** CUDA graph statistics of a "cuda" model (decode steps captured / replayed); null on the CPU. */
+  cudaGraphStats(): { captured: number; launches: number } | null {
+    try {
+      const info = this.#m.info();
+      return info.device === "cuda" ? { captured: info.graphsCaptured, launches: info.graphLaunches } : null;
+    } catch (e) {
+      rethrow(e);
+    }
   }
 
   /** @internal The native object (src/train.ts binds the LoRA training API to it). */
@@ -213,7 +237,10 @@ export class NativeModel {
     }
   }
 
-  /** Weights (as referenced), KV caches allocated so far, adapters, tables and scratch. */
+  /**
+   * Weights (as referenced), KV caches allocated so far, adapters, tables and scratch — for a "cuda"
+   * model the device memory it holds.
+   */
   residentBytes(): number {
     try {
       return this.#m.residentBytes();

@@ -29,7 +29,10 @@ import {
   doubleQuantizeAbsmax,
   quantizeNf4,
   checkNf4Blocksize,
+  resolveDevice,
   type DecodeMatmul,
+  type Device,
+  type DeviceRequest,
   type EngineConfig,
   type EngineOptions,
 } from "@qlora/kernels";
@@ -71,6 +74,11 @@ export interface LoadModelOptions {
    * ~1% relative error per output; see EngineOptions.decodeMatmul and docs/engine.md).
    */
   decodeMatmul?: DecodeMatmul;
+  /**
+   * "cpu" (default), "cuda" (FailedPrecondition with the reason when no GPU can be used) or "auto"
+   * (cuda when available). Resolved before any weight is read; the result is LoadedModel.device.
+   */
+  device?: DeviceRequest;
 }
 
 export interface LoadStats {
@@ -99,6 +107,8 @@ export class LoadedModel {
     readonly eosTokenIds: readonly number[],
     readonly stats: LoadStats,
     readonly embeddings: EmbeddingsMode = "stored",
+    /** Where the engine runs (the resolved LoadModelOptions.device). */
+    readonly device: Device = "cpu",
   ) {}
 
   get vocabSize(): number {
@@ -259,6 +269,10 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   checkNf4Blocksize(blocksize);
   const doubleQuant = options.doubleQuant ?? true;
   if (typeof doubleQuant !== "boolean") throw new InvalidArgument(`doubleQuant must be a boolean, got ${JSON.stringify(doubleQuant)}`);
+  if (options.device !== undefined && !["auto", "cpu", "cuda"].includes(options.device)) {
+    throw new InvalidArgument(`device must be "auto", "cpu" or "cuda", got ${JSON.stringify(options.device)}`);
+  }
+  const device = resolveDevice(options.device ?? "cpu");
   const t0 = performance.now();
 
   const ck = await HfCheckpoint.open(dir);
@@ -283,7 +297,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     if (!Number.isSafeInteger(maxContext) || maxContext < 2 || maxContext > maxPos) {
       throw new InvalidArgument(`maxContext must be an integer in 2..${maxPos} (max_position_embeddings), got ${maxContext}`);
     }
-    const engineOptions: EngineOptions = { maxContext };
+    const engineOptions: EngineOptions = { maxContext, device };
     if (options.maxSequences !== undefined) engineOptions.maxSequences = options.maxSequences;
     if (options.decodeMatmul !== undefined) engineOptions.decodeMatmul = options.decodeMatmul;
     native = new NativeModel(engineConfig, weights, engineOptions);
@@ -303,5 +317,5 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     ...(tokenizer.eosTokenId !== null ? [tokenizer.eosTokenId] : []),
   ]);
   stats.loadMs = performance.now() - t0;
-  return new LoadedModel(dir, ck.config, engineConfig, native, tokenizer, quant, generationConfig, [...eos], stats, embeddings);
+  return new LoadedModel(dir, ck.config, engineConfig, native, tokenizer, quant, generationConfig, [...eos], stats, embeddings, device);
 }

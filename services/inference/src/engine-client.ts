@@ -84,6 +84,15 @@ export function errorFromWorker(e: SerializedError): QloraError {
   return new QloraError(e.code as ErrorCode, e.message);
 }
 
+
+/**
+ * The engine worker's V8 young generation cap (3 semi-spaces of 2 MiB). The model's memory is native;
+ *  the worker's JS is the tokenizer, the scheduler and messages, and the default young generation grows
+ * during a tokenizer load and stays resident (Llama-3 tokenizer: 24 MiB more peak RSS than with this cap).
+ * bench/model.bench.mjs measures with the same cap (--max-semi-space-size=2).
+ */
+export const ENGINE_WORKER_YOUNG_GENERATION_MB = 6;
+
 export class EngineClient {
   private worker: Worker | null = null;
   private ready: Promise<void> | null = null;
@@ -188,7 +197,10 @@ export class EngineClient {
     if (this.closed) return Promise.reject(new QloraError("UNAVAILABLE", "the inference engine is shut down"));
     if (this.ready) return this.ready;
     const { maxQueue: _q, onModelState: _m, onAdapterEvent: _a, ...engineOptions } = this.options;
-    const worker = new Worker(new URL("./worker/main.js", import.meta.url), { workerData: engineOptions });
+    const worker = new Worker(new URL("./worker/main.js", import.meta.url), {
+      workerData: engineOptions,
+      resourceLimits: { maxYoungGenerationSizeMb: ENGINE_WORKER_YOUNG_GENERATION_MB },
+    });
     this.worker = worker;
     this.ready = new Promise<void>((resolve, reject) => {
       worker.once("error", reject);

@@ -91,7 +91,7 @@ function loadedModelMsg(m: LoadedModelInfo): LoadedModel {
     name: m.name,
     quant: quantEnum(m.quant),
     residentBytes: BigInt(m.residentBytes),
-    device: Device.CPU,
+    device: m.device === "cuda" ? Device.CUDA : Device.CPU,
     modelType: m.modelType,
   });
 }

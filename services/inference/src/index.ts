@@ -46,6 +46,11 @@ export interface InferenceServiceOptions {
    * (quantized while loading: Llama-3.2-1B 525 MB → 148 MB; docs/model.md).
    */
   embeddings?: EmbeddingsMode;
+  /**
+   * Where base models are loaded (default "cpu"): a resolved device — `qlora serve --device` resolves
+   * "auto" first. "cuda" loads fail with FailedPrecondition when no GPU can be used.
+   */
+  device?: "cpu" | "cuda";
   /** Where failures of background work (preloading) are reported. Default: stderr. */
   log?: (line: string) => void;
   /** The OpenAI API, KServe protocol and operator page on the same port (all on by default). */
@@ -104,6 +109,7 @@ export function inferenceService(options: InferenceServiceOptions): InferenceSer
     maxContext: options.maxContext ?? 0,
     adapterBudgetBytes: options.adapterBudgetBytes ?? 256 * 1024 * 1024,
     threads: options.threads ?? 0,
+    device: options.device ?? "cpu",
     decodeMatmul: options.decodeMatmul ?? "exact",
     embeddings: options.embeddings ?? "stored",
   });

@@ -93,6 +93,8 @@ export interface ResidentAdapterInfo {
 export interface LoadedModelInfo {
   name: string;
   quant: QuantMode;
+  /** Where the engine holds this base (the service's device). */
+  device: "cpu" | "cuda";
   residentBytes: number;
   modelType: string;
   maxContext: number;
@@ -211,6 +213,8 @@ export interface EngineOptions {
   adapterBudgetBytes: number;
   /** Kernel threads in the worker (<= 0: the addon's default). */
   threads: number;
+  /** Where base models are loaded (resolved by the caller: "auto" never reaches the worker). */
+  device: "cpu" | "cuda";
   /** Decode-step NF4 matmul of the models it loads (default "exact"; @qlora/kernels EngineOptions). */
   decodeMatmul?: DecodeMatmul;
   /** embed_tokens / lm_head of the models it loads: "stored" (default) or "nf4" (@qlora/model LoadModelOptions). */

@@ -149,7 +149,8 @@ export function withDefaults(req: CreateJobRequest): CreateJobRequest {
   }
   const device = t?.device ?? Device.UNSPECIFIED;
   if (device === Device.CUDA) {
-    throw new FailedPrecondition("training.device CUDA is not available on this trainer (CPU build); use DEVICE_AUTO or DEVICE_CPU");
+    // The CUDA engine serves inference only (docs/cuda.md §6); AUTO and CPU train on the CPU.
+    throw new FailedPrecondition("training.device CUDA is not available: training on CUDA is not implemented yet; use DEVICE_AUTO or DEVICE_CPU");
   }
   if (device !== Device.UNSPECIFIED && device !== Device.AUTO && device !== Device.CPU) {
     throw new InvalidArgument(`training.device: unknown value ${device}`);

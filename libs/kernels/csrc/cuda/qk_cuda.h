@@ -81,6 +81,34 @@ class Buffer {
 // A buffer uploaded from host memory in one call.
 Buffer uploaded(const void* host, size_t bytes);
 
+// Page-locked host memory (cudaMallocHost / cudaFreeHost), move-only: the staging area of
+// asynchronous copies (a copy from pageable memory is synchronous and cannot be captured in a
+// CUDA graph). Contents are uninitialised.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  explicit PinnedBuffer(size_t bytes);
+  ~PinnedBuffer();
+  PinnedBuffer(PinnedBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr, o.bytes_ = 0; }
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+
+  void* data() const { return ptr_; }
+  template <class T>
+  T* as() const { return static_cast<T*>(ptr_); }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// cudaMemcpyAsync in either direction on `stream` (host memory should be pinned for it to be
+// asynchronous).
+void copyHostToDevice(void* dst, const void* src, size_t bytes, Stream stream = nullptr);
+void copyDeviceToHost(void* dst, const void* src, size_t bytes, Stream stream = nullptr);
+
 // Scratch memory for the launchers that need temporaries: numbered slots that grow on demand and
 // are reused across calls (one Workspace per stream; not thread-safe).
 class Workspace {
@@ -152,6 +180,20 @@ void activationBackward(Activation act, const float* x, const float* dy, float* 
                         Stream stream = nullptr);
 void gatedActivationBackward(Activation act, const float* gate, const float* up, const float* dy, float* dgate,
                              float* dup, int64_t n, Stream stream = nullptr);
+
+// ---- engine glue (the device decoder, model/model_cuda.cu) ------------------------------------
+// out[t, :] (=|+=) table[ids[t] + idOffset, :] as fp32, any weight dtype (exactly qk::tableRow's
+// values). table: a device WeightView [rows, cols]; ids: device, in range (checked by the caller).
+void embeddingForward(const WeightView& table, const int32_t* ids, int32_t idOffset, int64_t T, float* out,
+                      bool accumulate, Stream stream = nullptr);
+// Appends each token's k / v row [kvDim] to its sequence's cache: kCache[kvOffset[t] + pos[t]·kvDim + e]
+// (the addressing of attentionForward, so the same kvOffset / pos arrays serve both).
+void kvCacheWrite(const float* k, const float* v, const int64_t* kvOffset, const int32_t* pos, int64_t T,
+                  int64_t kvDim, float* kCache, float* vCache, Stream stream = nullptr);
+// dst[r, :] = src[idx[r], :] for r < R, rows of `cols` floats (idx: device).
+void gatherRows(const float* src, const int32_t* idx, int64_t R, int64_t cols, float* dst, Stream stream = nullptr);
+// x[i] *= s (the OPT query scaling; one fp32 multiply as qk::scale).
+void scaleInPlace(float* x, float s, int64_t n, Stream stream = nullptr);
 
 // ---- attention (cpu/attention.h, cpu/backward.h) -----------------------------------------------
 // Inference (prefill and decode) over KV caches: token t's sequence cache starts at element

@@ -105,6 +105,30 @@ Buffer uploaded(const void* host, size_t bytes) {
   return b;
 }
 
+PinnedBuffer::PinnedBuffer(size_t bytes) : bytes_(bytes) {
+  if (bytes == 0) return;
+  requireDevice();
+  QK_CUDA_CHECK(cudaMallocHost(&ptr_, bytes));
+}
+PinnedBuffer::~PinnedBuffer() {
+  if (ptr_) cudaFreeHost(ptr_);
+}
+PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& o) noexcept {
+  if (this != &o) {
+    if (ptr_) cudaFreeHost(ptr_);
+    ptr_ = o.ptr_, bytes_ = o.bytes_;
+    o.ptr_ = nullptr, o.bytes_ = 0;
+  }
+  return *this;
+}
+
+void copyHostToDevice(void* dst, const void* src, size_t bytes, Stream stream) {
+  if (bytes) QK_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cs(stream)));
+}
+void copyDeviceToHost(void* dst, const void* src, size_t bytes, Stream stream) {
+  if (bytes) QK_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cs(stream)));
+}
+
 void* Workspace::get(int slot, size_t bytes) {
   checkArg(slot >= 0, "workspace slot");
   if (static_cast<size_t>(slot) >= slots_.size()) slots_.resize(static_cast<size_t>(slot) + 1);

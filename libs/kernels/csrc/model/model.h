@@ -96,6 +96,7 @@ struct RowSpec {
 
 class Model {
   friend struct LoraTrainer;  // model/train.{h,cpp}: LoRA training reads the weights in place
+  friend class CudaModel;     // cuda/model_cuda.cu: uploads the validated binding to the device
 
  public:
   Model(const ModelConfig& cfg, const TensorMap& weights, int maxSequences, int maxContext);

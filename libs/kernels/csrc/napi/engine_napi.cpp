@@ -16,6 +16,9 @@
 #include "model/model.h"
 #include "napi/args.h"
 #include "napi/registry.h"
+#ifdef QLORA_WITH_CUDA
+#include "cuda/model_cuda.h"
+#endif
 
 namespace {
 
@@ -219,7 +222,8 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
                        });
   }
 
-  // new NativeModel(config, weights: Record<string, WeightTensor>, options?: {maxSequences, maxContext, decodeMatmul})
+  // new NativeModel(config, weights: Record<string, WeightTensor>,
+  //                 options?: {maxSequences, maxContext, decodeMatmul, device: "cpu" | "cuda", cudaGraphs})
   explicit NativeModelWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeModelWrap>(info) {
     guarded(info, [&]() -> Napi::Value {
       qk::engine::ModelConfig cfg = configOf(info[0]);
@@ -232,6 +236,8 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
         map.emplace(name, rawTensor(w.Get(name), name, &weightRefs_));
       }
       int maxSeq = 8, maxCtx = std::min(cfg.maxPositions, 2048);
+      std::string device = "cpu";
+      bool graphs = true;
       qk::engine::DecodeMatmul decode = qk::engine::DecodeMatmul::Exact;
       if (info.Length() > 2 && info[2].IsObject()) {
         Napi::Object o = info[2].As<Napi::Object>();
@@ -243,47 +249,91 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
           if (v == "int8") decode = qk::engine::DecodeMatmul::Int8;
           else if (v != "exact") fail("INVALID_ARGUMENT", "options.decodeMatmul must be \"exact\" or \"int8\"");
         }
+        Napi::Value d = o.Get("device");
+        if (!d.IsUndefined()) {
+          device = d.IsString() ? d.As<Napi::String>().Utf8Value() : "";
+          if (device != "cpu" && device != "cuda") fail("INVALID_ARGUMENT", "options.device must be \"cpu\" or \"cuda\"");
+        }
+        graphs = boolOf(o, "cudaGraphs", true);
       }
-      model_ = std::make_unique<qk::engine::Model>(cfg, map, maxSeq, maxCtx);
-      model_->setDecodeMatmul(decode);
+      if (device == "cpu") {
+        model_ = std::make_unique<qk::engine::Model>(cfg, map, maxSeq, maxCtx);
+        model_->setDecodeMatmul(decode);
+        return info.Env().Undefined();
+      }
+      // decodeMatmul selects a CPU kernel; the CUDA engine always runs its own (exact) GEMV, and
+      // info().decodeMatmul says so.
+#ifdef QLORA_WITH_CUDA
+      // CudaModel fails with FAILED_PRECONDITION "no CUDA device: <reason>" without a usable GPU. It
+      // copies every weight to the device, so the host arrays are not kept alive.
+      cuda_ = std::make_unique<qk::engine::CudaModel>(cfg, map, maxSeq, maxCtx, graphs);
+      weightRefs_.clear();
+#else
+      (void)graphs;
+      fail("FAILED_PRECONDITION", "device \"cuda\": this addon was built without CUDA (nvcc was not found at build time)");
+#endif
       return info.Env().Undefined();
     });
   }
 
   // The engine model (null once disposed), for csrc/napi/train_napi.cpp.
   qk::engine::Model* engineModel() const { return model_.get(); }
+  bool onCuda() const {
+#ifdef QLORA_WITH_CUDA
+    return cuda_ != nullptr;
+#else
+    return false;
+#endif
+  }
 
  private:
-  qk::engine::Model& model(const Napi::CallbackInfo&) {
-    if (!model_) fail("FAILED_PRECONDITION", "the model was disposed");
-    return *model_;
+  // Runs f on whichever engine this object holds (engine::Model or engine::CudaModel: the same
+  // member functions, so each method below is written once as a generic lambda).
+  template <typename F>
+  Napi::Value withModel(F&& f) {
+    if (model_) return f(*model_);
+#ifdef QLORA_WITH_CUDA
+    if (cuda_) return f(*cuda_);
+#endif
+    fail("FAILED_PRECONDITION", "the model was disposed");
   }
 
   Napi::Value CreateSequence(const Napi::CallbackInfo& info) {
-    return guarded(info, [&]() -> Napi::Value { return Napi::Number::New(info.Env(), model(info).createSequence()); });
+    return guarded(info, [&]() -> Napi::Value {
+      return withModel([&](auto& m) -> Napi::Value { return Napi::Number::New(info.Env(), m.createSequence()); });
+    });
   }
   Napi::Value DropSequence(const Napi::CallbackInfo& info) {
     return guarded(info, [&]() -> Napi::Value {
-      model(info).dropSequence(intArg(info[0], "seq"));
-      return info.Env().Undefined();
+      return withModel([&](auto& m) -> Napi::Value {
+        m.dropSequence(intArg(info[0], "seq"));
+        return info.Env().Undefined();
+      });
     });
   }
   Napi::Value SequenceLength(const Napi::CallbackInfo& info) {
     return guarded(info, [&]() -> Napi::Value {
-      return Napi::Number::New(info.Env(), static_cast<double>(model(info).sequenceLength(intArg(info[0], "seq"))));
+      return withModel([&](auto& m) -> Napi::Value {
+        return Napi::Number::New(info.Env(), static_cast<double>(m.sequenceLength(intArg(info[0], "seq"))));
+      });
     });
   }
   Napi::Value TruncateSequence(const Napi::CallbackInfo& info) {
     return guarded(info, [&]() -> Napi::Value {
-      model(info).truncateSequence(intArg(info[0], "seq"), intArg(info[1], "length"));
-      return info.Env().Undefined();
+      return withModel([&](auto& m) -> Napi::Value {
+        m.truncateSequence(intArg(info[0], "seq"), intArg(info[1], "length"));
+        return info.Env().Undefined();
+      });
     });
   }
 
   // setAdapter(slot, {scaling, modules: {name: {a: Float32Array [r,in], b: Float32Array [out,r], rank}}})
   Napi::Value SetAdapter(const Napi::CallbackInfo& info) {
-    return guarded(info, [&]() -> Napi::Value {
-      qk::engine::Model& m = model(info);
+    return guarded(info, [&]() -> Napi::Value { return withModel([&](auto& m) { return SetAdapterOn(info, m); }); });
+  }
+  template <typename M>
+  Napi::Value SetAdapterOn(const Napi::CallbackInfo& info, M& m) {
+    {
       const int slot = intArg(info[0], "slot");
       if (slot < 0 || slot >= 65536) fail("INVALID_ARGUMENT", "adapter slot must be in 0..65535");
       if (!info[1].IsObject()) fail("INVALID_ARGUMENT", "adapter must be an object");
@@ -324,24 +374,30 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
         keep.push_back(Napi::Persistent(eo.Get("b").As<Napi::Object>()));
       }
       m.setAdapter(slot, std::move(a));
+      if (onCuda()) keep.clear();  // the CUDA engine copied A and B to the device
       if (static_cast<size_t>(slot) >= adapterRefs_.size()) adapterRefs_.resize(static_cast<size_t>(slot) + 1);
       adapterRefs_[slot] = std::move(keep);  // releases the previous adapter's arrays
       return info.Env().Undefined();
-    });
+    }
   }
   Napi::Value RemoveAdapter(const Napi::CallbackInfo& info) {
     return guarded(info, [&]() -> Napi::Value {
       const int slot = intArg(info[0], "slot");
-      model(info).removeAdapter(slot);
-      if (static_cast<size_t>(slot) < adapterRefs_.size()) adapterRefs_[slot].clear();  // train_napi.cpp slots have none
-      return info.Env().Undefined();
+      return withModel([&](auto& m) -> Napi::Value {
+        m.removeAdapter(slot);
+        if (static_cast<size_t>(slot) < adapterRefs_.size()) adapterRefs_[slot].clear();  // train_napi.cpp slots have none
+        return info.Env().Undefined();
+      });
     });
   }
 
   // forward(rows: {seq, tokens: Int32Array, adapter}[], allLogits: boolean, out?: Float32Array)
   Napi::Value Forward(const Napi::CallbackInfo& info) {
-    return guarded(info, [&]() -> Napi::Value {
-      qk::engine::Model& m = model(info);
+    return guarded(info, [&]() -> Napi::Value { return withModel([&](auto& m) { return ForwardOn(info, m); }); });
+  }
+  template <typename M>
+  Napi::Value ForwardOn(const Napi::CallbackInfo& info, M& m) {
+    {
       if (!info[0].IsArray()) fail("INVALID_ARGUMENT", "forward: rows must be an array");
       Napi::Array rows = info[0].As<Napi::Array>();
       const bool all = info.Length() > 1 && info[1].ToBoolean().Value();
@@ -372,7 +428,7 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
       }
       m.forward(rows_.data(), static_cast<int>(n), all, out.Data());
       return out;
-    });
+    }
   }
 
   // crossEntropy(tokens: Int32Array, adapter) → {loss, tokens}
@@ -381,7 +437,11 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
       auto tok = i32(info[0], "crossEntropy: tokens");
       const int adapter = info[1].IsUndefined() || info[1].IsNull() ? -1 : intArg(info[1], "adapter");
       int64_t count = 0;
-      double loss = model(info).crossEntropy(tok.data, static_cast<int64_t>(tok.length), adapter, &count);
+      double loss = 0;
+      withModel([&](auto& m) -> Napi::Value {
+        loss = m.crossEntropy(tok.data, static_cast<int64_t>(tok.length), adapter, &count);
+        return info.Env().Undefined();
+      });
       Napi::Object r = Napi::Object::New(info.Env());
       r.Set("loss", loss);
       r.Set("tokens", static_cast<double>(count));
@@ -391,30 +451,47 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
 
   Napi::Value ResidentBytes(const Napi::CallbackInfo& info) {
     return guarded(info, [&]() -> Napi::Value {
-      return Napi::Number::New(info.Env(), static_cast<double>(model(info).residentBytes()));
+      return withModel([&](auto& m) -> Napi::Value {
+        return Napi::Number::New(info.Env(), static_cast<double>(m.residentBytes()));
+      });
     });
   }
 
   Napi::Value Info(const Napi::CallbackInfo& info) {
     return guarded(info, [&]() -> Napi::Value {
-      qk::engine::Model& m = model(info);
       Napi::Object o = Napi::Object::New(info.Env());
-      o.Set("maxSequences", m.maxSequences());
-      o.Set("maxContext", m.maxContext());
-      o.Set("vocabSize", m.config().vocab);
-      o.Set("decodeMatmul", m.decodeMatmul() == qk::engine::DecodeMatmul::Int8 ? "int8" : "exact");
+      withModel([&](auto& m) -> Napi::Value {
+        o.Set("maxSequences", m.maxSequences());
+        o.Set("maxContext", m.maxContext());
+        o.Set("vocabSize", m.config().vocab);
+        return o;
+      });
+      o.Set("device", onCuda() ? "cuda" : "cpu");
+      o.Set("decodeMatmul", model_ && model_->decodeMatmul() == qk::engine::DecodeMatmul::Int8 ? "int8" : "exact");
+#ifdef QLORA_WITH_CUDA
+      if (cuda_) {  // decode steps captured / replayed as CUDA graphs
+        o.Set("graphsCaptured", static_cast<double>(cuda_->graphsCaptured()));
+        o.Set("graphLaunches", static_cast<double>(cuda_->graphLaunches()));
+      }
+#endif
       return o;
     });
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     model_.reset();
+#ifdef QLORA_WITH_CUDA
+    cuda_.reset();
+#endif
     weightRefs_.clear();
     adapterRefs_.clear();
     return info.Env().Undefined();
   }
 
-  std::unique_ptr<qk::engine::Model> model_;
+  std::unique_ptr<qk::engine::Model> model_;  // device "cpu"
+#ifdef QLORA_WITH_CUDA
+  std::unique_ptr<qk::engine::CudaModel> cuda_;  // device "cuda" (exactly one of the two is set)
+#endif
   std::vector<Napi::ObjectReference> weightRefs_;
   std::vector<std::vector<Napi::ObjectReference>> adapterRefs_;
   std::vector<qk::engine::RowSpec> rows_;
@@ -639,6 +716,9 @@ namespace engine {
 Model* unwrapNativeModel(const Napi::Value& v) {
   if (!v.IsObject()) throw EngineError("INVALID_ARGUMENT", "expected a NativeModel");
   NativeModelWrap* w = NativeModelWrap::Unwrap(v.As<Napi::Object>());
+  // LoRA training (train_napi.cpp) runs on the CPU engine only; never fall back silently.
+  if (w && w->onCuda())
+    throw EngineError("FAILED_PRECONDITION", "training on CUDA is not implemented yet (this model was loaded with device \"cuda\")");
   return w ? w->engineModel() : nullptr;
 }
 }  // namespace engine

@@ -270,6 +270,7 @@ async function runTraining(o: ResolvedOptions, model: TrainModel, hooks: TrainHo
     evalRows: evalDs ? evalDs.rows.length : null,
     trainableParameters: trainable,
     resumedFromStep,
+    device: "cpu",
     dataset: {
       kinds: ds.kinds,
       examples: ds.stats.examples,

@@ -49,7 +49,13 @@ function getHost(ref: ModelRef): Promise<ModelHost> {
   let p = hosts.get(key);
   if (!p) {
     post({ type: "modelState", name: ref.name, quant: ref.quant, state: "loading" });
-    p = openModel(ref, { maxSequences: options.maxBatch, maxContext: options.maxContext, decodeMatmul: options.decodeMatmul ?? "exact", embeddings: options.embeddings ?? "stored" }).then(
+    p = openModel(ref, {
+      maxSequences: options.maxBatch,
+      maxContext: options.maxContext,
+      device: options.device,
+      decodeMatmul: options.decodeMatmul ?? "exact",
+      embeddings: options.embeddings ?? "stored",
+    }).then(
       (model) => {
         const host = new ModelHost(
           model,

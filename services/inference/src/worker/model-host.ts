@@ -83,6 +83,7 @@ export class ModelHost {
     return {
       name: this.model.name,
       quant: this.model.quant,
+      device: this.model.device,
       residentBytes: this.model.residentBytes(),
       modelType: this.model.modelType,
       maxContext: this.model.maxContext,

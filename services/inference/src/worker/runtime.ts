@@ -42,6 +42,7 @@ export interface RuntimeModel {
   readonly name: string;
   readonly quant: QuantMode;
   readonly modelType: string;
+  readonly device: "cpu" | "cuda";
   /** Tokens one sequence may hold (prompt + generated). */
   readonly maxContext: number;
   readonly batch: BatchModel;
@@ -65,6 +66,8 @@ export interface OpenOptions {
   maxSequences: number;
   /** 0: the model's own limit. */
   maxContext: number;
+  /** Where the engine runs (FailedPrecondition from loadModel when "cuda" is unavailable). */
+  device: "cpu" | "cuda";
   /** Decode-step NF4 matmul (default "exact"). */
   decodeMatmul?: DecodeMatmul;
   /** embed_tokens / lm_head as stored (default) or NF4. */
@@ -125,6 +128,9 @@ class Runtime implements RuntimeModel {
   }
   get modelType(): string {
     return this.lm.config.modelType;
+  }
+  get device(): "cpu" | "cuda" {
+    return this.lm.device;
   }
   get maxContext(): number {
     return this.lm.maxContext;
@@ -193,6 +199,7 @@ export async function openModel(ref: ModelRef, options: OpenOptions): Promise<Ru
   const lm = await loadModel(ref.dir, {
     quant: ref.quant,
     maxSequences: options.maxSequences,
+    device: options.device,
     ...(options.maxContext > 0 ? { maxContext: options.maxContext } : {}),
     ...(options.decodeMatmul ? { decodeMatmul: options.decodeMatmul } : {}),
     ...(options.embeddings ? { embeddings: options.embeddings } : {}),

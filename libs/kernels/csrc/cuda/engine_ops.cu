@@ -1,0 +1,91 @@
+// The small kernels the device decoder (model/model_cuda.cu) needs around the big ones: embedding
+// rows, the KV-cache append, a row gather (the rows whose logits are wanted) and a scale.
+// CPU counterparts: qk::embeddingForward / tableRow (cpu/ops.cpp), the memcpy loop of
+// engine::Model::runDecoder, the sel_ gather of engine::Model::forward, qk::scale.
+// All are grid-stride loops over the output: memory bound, one pass.
+#include "cuda/common.cuh"
+
+namespace qk::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+unsigned gridOf(int64_t n) {
+  const int64_t g = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(g < 65536 ? (g > 0 ? g : 1) : 65536);
+}
+
+#define QK_GRID_STRIDE(i, n)                                                              \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+// out[t, c] (=|+=) table[ids[t] + idOffset, c]; weightAt decodes exactly as qk::tableRow.
+__global__ void embeddingKernel(DevWeight w, const int32_t* __restrict__ ids, int32_t idOffset, int64_t T,
+                                float* __restrict__ out, bool accumulate) {
+  const int64_t cols = w.cols;
+  QK_GRID_STRIDE(i, T * cols) {
+    const int64_t t = i / cols, c = i - t * cols;
+    const int64_t row = static_cast<int64_t>(ids[t]) + idOffset;
+    const float v = weightAt(w, row * cols + c);
+    out[i] = accumulate ? out[i] + v : v;
+  }
+}
+
+__global__ void kvCacheWriteKernel(const float* __restrict__ k, const float* __restrict__ v,
+                                   const int64_t* __restrict__ kvOffset, const int32_t* __restrict__ pos, int64_t T,
+                                   int64_t kvDim, float* __restrict__ kc, float* __restrict__ vc) {
+  QK_GRID_STRIDE(i, T * kvDim) {
+    const int64_t t = i / kvDim, e = i - t * kvDim;
+    const int64_t dst = kvOffset[t] + static_cast<int64_t>(pos[t]) * kvDim + e;
+    kc[dst] = k[i];
+    vc[dst] = v[i];
+  }
+}
+
+__global__ void gatherRowsKernel(const float* __restrict__ src, const int32_t* __restrict__ idx, int64_t R,
+                                 int64_t cols, float* __restrict__ dst) {
+  QK_GRID_STRIDE(i, R * cols) {
+    const int64_t r = i / cols, c = i - r * cols;
+    dst[i] = src[static_cast<int64_t>(idx[r]) * cols + c];
+  }
+}
+
+__global__ void scaleKernel(float* __restrict__ x, float s, int64_t n) {
+  QK_GRID_STRIDE(i, n) x[i] = __fmul_rn(x[i], s);
+}
+
+}  // namespace
+
+void embeddingForward(const WeightView& table, const int32_t* ids, int32_t idOffset, int64_t T, float* out,
+                      bool accumulate, Stream stream) {
+  checkArg(T >= 0, "embedding T");
+  if (T == 0 || table.cols == 0) return;
+  const DevWeight w = devWeight(table);
+  embeddingKernel<<<gridOf(T * table.cols), kThreads, 0, cs(stream)>>>(w, ids, idOffset, T, out, accumulate);
+  QK_CUDA_LAUNCHED();
+}
+
+void kvCacheWrite(const float* k, const float* v, const int64_t* kvOffset, const int32_t* pos, int64_t T,
+                  int64_t kvDim, float* kCache, float* vCache, Stream stream) {
+  checkArg(T >= 0 && kvDim > 0, "kvCacheWrite sizes");
+  if (T == 0) return;
+  kvCacheWriteKernel<<<gridOf(T * kvDim), kThreads, 0, cs(stream)>>>(k, v, kvOffset, pos, T, kvDim, kCache, vCache);
+  QK_CUDA_LAUNCHED();
+}
+
+void gatherRows(const float* src, const int32_t* idx, int64_t R, int64_t cols, float* dst, Stream stream) {
+  checkArg(R >= 0 && cols > 0, "gatherRows sizes");
+  if (R == 0) return;
+  gatherRowsKernel<<<gridOf(R * cols), kThreads, 0, cs(stream)>>>(src, idx, R, cols, dst);
+  QK_CUDA_LAUNCHED();
+}
+
+void scaleInPlace(float* x, float s, int64_t n, Stream stream) {
+  checkArg(n >= 0, "scale n");
+  if (n == 0) return;
+  scaleKernel<<<gridOf(n), kThreads, 0, cs(stream)>>>(x, s, n);
+  QK_CUDA_LAUNCHED();
+}
+
+}  // namespace qk::cuda
