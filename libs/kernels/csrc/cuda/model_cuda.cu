@@ -455,39 +455,21 @@ void CudaModel::logitsStep(int64_t R) {
 
 void CudaModel::forward(const RowSpec* rows, int nRows, bool allLogits, float* logits) {
   const ModelConfig& c = cfg_;
-  if (nRows <= 0) invalid("forward: no rows");
-  // ---- validate (the checks and messages of engine::Model::forward) ----
-  int64_t T = 0;
+  // ---- validate (the same checks and messages as engine::Model::forward) ----
+  const int64_t T = validateRows(
+      rows, nRows, maxCtx_, c.vocab, [&](int seq) { return seqAt(seq, "forward").len; },
+      [&](int adapter) { checkAdapter(adapter); });
   int rank = 0;
   bool decode = true;
   for (int i = 0; i < nRows; ++i) {
-    const RowSpec& r = rows[i];
-    Seq& s = seqAt(r.seq, "forward");
-    checkAdapter(r.adapter);
-    if (r.n <= 0) invalid("forward: row " + std::to_string(i) + " has no tokens");
-    if (s.len + r.n > maxCtx_)
-      throw EngineError("RESOURCE_EXHAUSTED", "forward: sequence " + std::to_string(r.seq) + " would hold " +
-                                                  std::to_string(s.len + r.n) + " tokens, maxContext is " +
-                                                  std::to_string(maxCtx_));
-    for (int j = 0; j < i; ++j)
-      if (rows[j].seq == r.seq) invalid("forward: sequence " + std::to_string(r.seq) + " appears in two rows");
-    for (int64_t t = 0; t < r.n; ++t)
-      if (r.tokens[t] < 0 || r.tokens[t] >= c.vocab)
-        invalid("forward: token id " + std::to_string(r.tokens[t]) + " is outside 0.." + std::to_string(c.vocab - 1));
-    if (r.adapter >= 0) rank = std::max(rank, adapters_[r.adapter].maxRank);
-    decode = decode && r.n == 1;
-    T += r.n;
+    if (rows[i].adapter >= 0) rank = std::max(rank, adapters_[rows[i].adapter].maxRank);
+    decode = decode && rows[i].n == 1;
   }
   const int64_t R = allLogits ? T : nRows, V = c.vocab;
   ensureScratch(T, R, rank);
 
   // ---- pack rows grouped by adapter (stable), so each adapter is one contiguous segment ----
-  order_.resize(nRows);
-  for (int i = 0; i < nRows; ++i) {
-    int j = i;
-    for (; j > 0 && rows[order_[j - 1]].adapter > rows[i].adapter; --j) order_[j] = order_[j - 1];
-    order_[j] = i;
-  }
+  orderRowsByAdapter(rows, nRows, order_);
   const Meta m = metaAt(metaHost_.data());
   rowStart_.resize(nRows);
   segments_.clear();

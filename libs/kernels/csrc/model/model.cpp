@@ -562,37 +562,15 @@ void Model::runDecoder(int64_t t0, int64_t T) {
 
 void Model::forward(const RowSpec* rows, int nRows, bool allLogits, float* logits) {
   const ModelConfig& c = cfg_;
-  if (nRows <= 0) invalid("forward: no rows");
-  // ---- validate ----
-  int64_t T = 0;
-  for (int i = 0; i < nRows; ++i) {
-    const RowSpec& r = rows[i];
-    Seq& s = seqAt(r.seq, "forward");
-    checkAdapter(r.adapter);
-    if (r.n <= 0) invalid("forward: row " + std::to_string(i) + " has no tokens");
-    if (s.len + r.n > maxCtx_)
-      throw EngineError("RESOURCE_EXHAUSTED", "forward: sequence " + std::to_string(r.seq) + " would hold " +
-                                                  std::to_string(s.len + r.n) + " tokens, maxContext is " +
-                                                  std::to_string(maxCtx_));
-    for (int j = 0; j < i; ++j)
-      if (rows[j].seq == r.seq) invalid("forward: sequence " + std::to_string(r.seq) + " appears in two rows");
-    for (int64_t t = 0; t < r.n; ++t)
-      if (r.tokens[t] < 0 || r.tokens[t] >= c.vocab)
-        invalid("forward: token id " + std::to_string(r.tokens[t]) + " is outside 0.." + std::to_string(c.vocab - 1));
-    T += r.n;
-  }
+  const int64_t T = validateRows(
+      rows, nRows, maxCtx_, c.vocab, [&](int seq) { return seqAt(seq, "forward").len; },
+      [&](int adapter) { checkAdapter(adapter); });
   tokIds_.resize(T);
   tokPos_.resize(T);
   tokSeq_.resize(T);
 
   // ---- pack rows grouped by adapter (stable), so each adapter is one contiguous segment ----
-  // (insertion sort: stable, allocation free, batches are small)
-  order_.resize(nRows);
-  for (int i = 0; i < nRows; ++i) {
-    int j = i;
-    for (; j > 0 && rows[order_[j - 1]].adapter > rows[i].adapter; --j) order_[j] = order_[j - 1];
-    order_[j] = i;
-  }
+  orderRowsByAdapter(rows, nRows, order_);
   rowStart_.resize(nRows);
   packedSegments_.clear();
   int64_t t = 0;

@@ -94,6 +94,47 @@ struct RowSpec {
   int adapter;  // -1: base model
 };
 
+// The checks every engine's forward() applies to a batch, with the same messages: each row names a
+// live sequence (lengthOf(seq) → its length, NOT_FOUND otherwise) and a loaded adapter or none
+// (checkAdapter throws), has tokens, stays within maxContext, holds in-range token ids, and no
+// sequence appears twice. Returns the total token count T.
+template <class LengthOf, class CheckAdapter>
+int64_t validateRows(const RowSpec* rows, int nRows, int64_t maxContext, int vocab, LengthOf&& lengthOf,
+                     CheckAdapter&& checkAdapter) {
+  if (nRows <= 0) throw EngineError("INVALID_ARGUMENT", "forward: no rows");
+  int64_t T = 0;
+  for (int i = 0; i < nRows; ++i) {
+    const RowSpec& r = rows[i];
+    const int64_t len = lengthOf(r.seq);
+    checkAdapter(r.adapter);
+    if (r.n <= 0) throw EngineError("INVALID_ARGUMENT", "forward: row " + std::to_string(i) + " has no tokens");
+    if (len + r.n > maxContext)
+      throw EngineError("RESOURCE_EXHAUSTED", "forward: sequence " + std::to_string(r.seq) + " would hold " +
+                                                  std::to_string(len + r.n) + " tokens, maxContext is " +
+                                                  std::to_string(maxContext));
+    for (int j = 0; j < i; ++j)
+      if (rows[j].seq == r.seq)
+        throw EngineError("INVALID_ARGUMENT", "forward: sequence " + std::to_string(r.seq) + " appears in two rows");
+    for (int64_t t = 0; t < r.n; ++t)
+      if (r.tokens[t] < 0 || r.tokens[t] >= vocab)
+        throw EngineError("INVALID_ARGUMENT", "forward: token id " + std::to_string(r.tokens[t]) + " is outside 0.." +
+                                                  std::to_string(vocab - 1));
+    T += r.n;
+  }
+  return T;
+}
+
+// order[0..nRows) = row indices grouped by adapter, stable (each adapter becomes one contiguous
+// segment of the packed batch). Insertion sort: allocation free, batches are small.
+inline void orderRowsByAdapter(const RowSpec* rows, int nRows, std::vector<int>& order) {
+  order.resize(nRows);
+  for (int i = 0; i < nRows; ++i) {
+    int j = i;
+    for (; j > 0 && rows[order[j - 1]].adapter > rows[i].adapter; --j) order[j] = order[j - 1];
+    order[j] = i;
+  }
+}
+
 class Model {
   friend struct LoraTrainer;  // model/train.{h,cpp}: LoRA training reads the weights in place
   friend class CudaModel;     // cuda/model_cuda.cu: uploads the validated binding to the device
