@@ -8,19 +8,9 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { cpuInfo, decodeWeight, quantizeNf4, setSimd, trainOps } from "../src/index.js";
 import type { SimdLevel, WeightTensor } from "../src/index.js";
+import { rng } from "./random.js";
 
 // ---- helpers ----------------------------------------------------------------------------------
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 4294967296;
-  };
-}
 function rand(n: number, r: () => number, lo = -1, hi = 1): Float32Array {
   return Float32Array.from({ length: n }, () => lo + (hi - lo) * r());
 }

@@ -17,22 +17,12 @@ import assert from "node:assert/strict";
 import { FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted } from "@qlora/core";
 import { NativeModel, cudaInfo, quantizeNf4 } from "../src/index.js";
 import type { EngineAdapter, EngineConfig, EngineOptions, WeightTensor } from "../src/index.js";
+import { rng } from "./random.js";
 
 const FP32_TOL = 2e-4;
 const BF16_TOL = 2 ** -7 * 4;
 
 // ---- random models ----------------------------------------------------------------------------
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 4294967296;
-  };
-}
 const rand = (n: number, r: () => number, amp: number) => Float32Array.from({ length: n }, () => amp * (2 * r() - 1));
 const asBytes = (a: ArrayBufferView) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 type DType = "f32" | "nf4" | "bf16" | "f16";

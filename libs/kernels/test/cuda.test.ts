@@ -16,19 +16,9 @@ import {
   quantizeNf4, resolveDevice, sampleToken, seedRng, trainOps,
 } from "../src/index.js";
 import type { CudaInfo, WeightTensor } from "../src/index.js";
+import { rng } from "./random.js";
 
 // ---- helpers ----------------------------------------------------------------------------------
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 4294967296;
-  };
-}
 const rand = (n: number, r: () => number, lo = -1, hi = 1) => Float32Array.from({ length: n }, () => lo + (hi - lo) * r());
 const asBytes = (a: ArrayBufferView) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 const f32Tensor = (a: Float32Array, shape: number[]): WeightTensor => ({ dtype: "f32", shape, data: asBytes(a) });

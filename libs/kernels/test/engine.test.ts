@@ -8,24 +8,9 @@ import { InvalidArgument, NotFound, ResourceExhausted } from "@qlora/core";
 import { NativeModel, dequantizeNf4, quantizeNf4, sampleToken, seedRng } from "../src/index.js";
 import type { EngineAdapter, EngineConfig } from "../src/index.js";
 import type { WeightTensor } from "../src/tensor.js";
+import { rng, uniformSigned } from "./random.js";
 
 // ---- helpers ----------------------------------------------------------------------------------
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 4294967296;
-  };
-}
-function randn(n: number, r: () => number, scale: number): Float32Array {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = (r() * 2 - 1) * scale;
-  return a;
-}
 function maxDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   assert.equal(a.length, b.length, "lengths differ");
   let m = 0;
@@ -86,9 +71,9 @@ function randomWeights(c: EngineConfig, seed: number): Weights {
     if (name.endsWith("norm.weight") || name.endsWith("layernorm.weight") || name.endsWith("layer_norm.weight")) {
       w.set(name, Float32Array.from({ length: n }, () => 0.8 + 0.4 * r()));
     } else if (shape.length === 1) {
-      w.set(name, randn(n, r, 0.1));
+      w.set(name, uniformSigned(n, r, 0.1));
     } else {
-      w.set(name, randn(n, r, name.startsWith("embed") ? 1 : 1.6 / Math.sqrt(shape[1]!)));
+      w.set(name, uniformSigned(n, r, name.startsWith("embed") ? 1 : 1.6 / Math.sqrt(shape[1]!)));
     }
   }
   return w;
@@ -282,7 +267,7 @@ function randomAdapter(c: EngineConfig, seed: number, modules: string[], rank: n
   for (let l = 0; l < c.numLayers; l++)
     for (const m of modules) {
       const [inF, outF] = dims[m]!;
-      out.modules[`layers.${l}.${m}`] = { a: randn(rank * inF, r, 1 / Math.sqrt(inF)), b: randn(outF * rank, r, 0.5), rank };
+      out.modules[`layers.${l}.${m}`] = { a: uniformSigned(rank * inF, r, 1 / Math.sqrt(inF)), b: uniformSigned(outF * rank, r, 0.5), rank };
     }
   return out;
 }

@@ -20,6 +20,7 @@ import {
   type SimdLevel,
 } from "../src/index.js";
 import { native } from "../src/native.js";
+import { normals, rng } from "./matmul_fixtures.js";
 
 // ---------------------------------------------------------------------------------------------
 // Oracle
@@ -121,25 +122,6 @@ function oracleBf16(x: number): number {
 // ---------------------------------------------------------------------------------------------
 // Data
 
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-function normals(n: number, seed: number, scale = 1): Float32Array {
-  const r = rng(seed);
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    const u = r() || 1e-12;
-    out[i] = scale * Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * r());
-  }
-  return out;
-}
 /** Round-toward-zero float -> half bits (any valid half will do as test data). */
 function toHalfBits(x: number): number {
   const sign = x < 0 || Object.is(x, -0) ? 0x8000 : 0;

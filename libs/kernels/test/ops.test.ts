@@ -4,24 +4,9 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { cpuInfo, engineOps, sampleToken, seedRng, setSimd, type SimdLevel } from "../src/index.js";
 import type { RopeScalingLlama3, SamplingParams } from "../src/index.js";
+import { rng, uniformSigned } from "./random.js";
 
 // ---- helpers ----------------------------------------------------------------------------------
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 4294967296;
-  };
-}
-function randn(n: number, r: () => number, scale = 1): Float32Array {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = (r() * 2 - 1) * scale;
-  return a;
-}
 function assertClose(got: ArrayLike<number>, want: ArrayLike<number>, atol: number, rtol: number, what: string): void {
   assert.equal(got.length, want.length, `${what}: length`);
   for (let i = 0; i < want.length; i++) {
@@ -158,7 +143,7 @@ function f32ToF16Bits(v: number): number {
 test("rmsNorm matches the reference on odd sizes at every SIMD level", () => {
   const r = rng(1);
   for (const [rows, dim] of [[1, 1], [3, 37], [5, 67], [2, 1000]] as const) {
-    const x = randn(rows * dim, r, 3), w = randn(dim, r);
+    const x = uniformSigned(rows * dim, r, 3), w = uniformSigned(dim, r);
     const want = refRmsNorm(x, w, rows, dim, 1e-5);
     atLevels((l) => assertClose(engineOps.rmsNorm(x, w, rows, dim, 1e-5), want, 1e-5, 1e-5, `rmsNorm ${rows}x${dim} ${l}`));
   }
@@ -167,7 +152,7 @@ test("rmsNorm matches the reference on odd sizes at every SIMD level", () => {
 test("layerNorm (affine and not) matches the reference on odd sizes", () => {
   const r = rng(2);
   for (const [rows, dim] of [[1, 3], [4, 33], [3, 769]] as const) {
-    const x = randn(rows * dim, r, 2), w = randn(dim, r), b = randn(dim, r);
+    const x = uniformSigned(rows * dim, r, 2), w = uniformSigned(dim, r), b = uniformSigned(dim, r);
     for (const l of [w, null]) {
       const want = refLayerNorm(x, l, l ? b : null, rows, dim, 1e-5);
       atLevels((lv) => assertClose(engineOps.layerNorm(x, l, l ? b : null, rows, dim, 1e-5), want, 1e-5, 1e-5, `layerNorm ${dim} ${lv}`));
@@ -196,7 +181,7 @@ test("RoPE rotate_half on odd head counts and scattered positions", () => {
   const scalings: (RopeScalingLlama3 | null)[] = [null, { type: "llama3", factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 64 }];
   for (const sc of scalings) {
     const T = 5, nh = 3, hd = 10, pos = new Int32Array([0, 1, 7, 130, 2047]);
-    const x = randn(T * nh * hd, r);
+    const x = uniformSigned(T * nh * hd, r);
     const want = refRope(x, T, nh, hd, pos, refInvFreq(hd, 10000, sc));
     atLevels((l) => assertClose(engineOps.rope(x, T, nh, hd, pos, 10000, sc), want, 2e-5, 1e-5, `rope ${l}`));
   }
@@ -204,8 +189,8 @@ test("RoPE rotate_half on odd head counts and scattered positions", () => {
 
 test("activations: silu, relu, gelu and the gated forms", () => {
   const r = rng(4);
-  const x = new Float32Array([...randn(101, r, 6), 0, -0, 100, -100, 88.5, -90, 1e-8]);
-  const u = randn(x.length, r);
+  const x = new Float32Array([...uniformSigned(101, r, 6), 0, -0, 100, -100, 88.5, -90, 1e-8]);
+  const u = uniformSigned(x.length, r);
   const refs = { silu, relu: (v: number) => Math.max(v, 0), gelu };
   atLevels((l) => {
     for (const [name, f] of Object.entries(refs) as [keyof typeof refs, (v: number) => number][]) {
@@ -219,7 +204,7 @@ test("activations: silu, relu, gelu and the gated forms", () => {
 test("softmax rows on odd sizes and large logits", () => {
   const r = rng(5);
   for (const [rows, n] of [[1, 1], [3, 7], [2, 33], [4, 1001]] as const) {
-    const x = randn(rows * n, r, 40);
+    const x = uniformSigned(rows * n, r, 40);
     const want = new Float64Array(rows * n);
     for (let i = 0; i < rows; i++) {
       const row = x.subarray(i * n, (i + 1) * n), m = Math.max(...row);
@@ -235,14 +220,14 @@ test("attention with GQA over a causal cache", () => {
   const r = rng(6);
   for (const [nh, nkv, hd] of [[6, 2, 7], [3, 3, 5], [4, 1, 16]] as const) {
     const ctx = 23, pos = new Int32Array([0, 3, 22, 5, 11, 22]);
-    const q = randn(pos.length * nh * hd, r, 2), k = randn(ctx * nkv * hd, r, 2), v = randn(ctx * nkv * hd, r);
+    const q = uniformSigned(pos.length * nh * hd, r, 2), k = uniformSigned(ctx * nkv * hd, r, 2), v = uniformSigned(ctx * nkv * hd, r);
     const scale = 1 / Math.sqrt(hd);
     const want = refAttention(q, k, v, pos, nh, nkv, hd, scale);
     atLevels((l) => assertClose(engineOps.attention(q, k, v, pos, nh, nkv, hd, scale), want, 1e-5, 1e-5, `attention ${nh}/${nkv}/${hd} ${l}`));
   }
   // large enough to take the threaded path (work above the inline threshold)
   const nh = 8, nkv = 2, hd = 64, ctx = 300, pos = Int32Array.from({ length: 40 }, (_, i) => 260 + i);
-  const q = randn(pos.length * nh * hd, r), k = randn(ctx * nkv * hd, r), v = randn(ctx * nkv * hd, r);
+  const q = uniformSigned(pos.length * nh * hd, r), k = uniformSigned(ctx * nkv * hd, r), v = uniformSigned(ctx * nkv * hd, r);
   assertClose(engineOps.attention(q, k, v, pos, nh, nkv, hd, 0.125), refAttention(q, k, v, pos, nh, nkv, hd, 0.125), 1e-5, 1e-5, "attention threaded");
 });
 
@@ -303,7 +288,7 @@ test("sampling: repetition penalty follows HF (divide positive, multiply negativ
 
 test("sampling: same seed gives the same tokens; top-k 1 and tiny top-p equal greedy", () => {
   const r = rng(8), V = 301;
-  const logits = randn(V * 20, r, 3);
+  const logits = uniformSigned(V * 20, r, 3);
   const p: SamplingParams = { temperature: 0.9, topK: 40, topP: 0.95, repetitionPenalty: 1.1 };
   const run = (seed: bigint) => {
     const st = seedRng(seed);

@@ -15,19 +15,9 @@ import { existsSync, readFileSync } from "node:fs";
 import { FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
 import { NativeModel, decodeWeight, quantizeNf4, trainOps } from "../src/index.js";
 import type { EngineConfig, LoraState, TrainBatchInput, WeightTensor } from "../src/index.js";
+import { rng } from "./random.js";
 
 // ---- helpers ----------------------------------------------------------------------------------
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 4294967296;
-  };
-}
 const rand = (n: number, r: () => number, lo = -1, hi = 1) => Float32Array.from({ length: n }, () => lo + (hi - lo) * r());
 const f32Tensor = (a: Float32Array, shape: number[]): WeightTensor => ({ dtype: "f32", shape, data: new Uint8Array(a.buffer, a.byteOffset, a.byteLength) });
 function bf16Tensor(a: Float32Array, shape: number[]): WeightTensor {
