@@ -15,10 +15,10 @@
  * - A crash after the adapter was committed but before the job was marked succeeded: the rerun
  *   finds the adapter it wrote (manifest meta job_id) and just records the success.
  */
-import { mkdir, readdir, rename, rm, stat, copyFile } from "node:fs/promises";
+import { mkdir, readdir, rename, rm, copyFile } from "node:fs/promises";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
-import { errorMessage, isQloraError, NotFound, QloraError } from "@qlora/core";
+import { errorMessage, isQloraError, NotFound, pathExists, QloraError } from "@qlora/core";
 import type { CreateJobRequest } from "@qlora/proto";
 import { MANIFEST_FILE, type ArtifactStore } from "@qlora/store";
 import { datasetFile } from "./datasets.js";
@@ -88,15 +88,6 @@ async function copyTree(from: string, to: string, skip: (rel: string) => boolean
   }
 }
 
-async function exists(p: string): Promise<boolean> {
-  try {
-    await stat(p);
-    return true;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === "ENOENT") return false;
-    throw e;
-  }
-}
 
 /** Steps of the complete checkpoints in a run's output directory (the runner writes them atomically). */
 async function localCheckpointSteps(outDir: string): Promise<number[]> {
@@ -486,12 +477,12 @@ export class JobManager {
         // Ours, from a run that died right after committing it.
       } else {
         for (const f of ADAPTER_REQUIRED_FILES) {
-          if (!(await exists(join(spec.outDir, f)))) throw new QloraError("INTERNAL", `the run finished without writing ${f}`);
+          if (!(await pathExists(join(spec.outDir, f)))) throw new QloraError("INTERNAL", `the run finished without writing ${f}`);
         }
         const w = await this.o.store.beginWrite("adapters", name);
         try {
-          for (const f of ADAPTER_OUTPUT_FILES) if (await exists(join(spec.outDir, f))) await copyFile(join(spec.outDir, f), join(w.dir, f));
-          for (const d of ADAPTER_OUTPUT_DIRS) if (await exists(join(spec.outDir, d))) await copyTree(join(spec.outDir, d), join(w.dir, d));
+          for (const f of ADAPTER_OUTPUT_FILES) if (await pathExists(join(spec.outDir, f))) await copyFile(join(spec.outDir, f), join(w.dir, f));
+          for (const d of ADAPTER_OUTPUT_DIRS) if (await pathExists(join(spec.outDir, d))) await copyTree(join(spec.outDir, d), join(w.dir, d));
           await w.commit({
             meta: {
               job_id: r.id,
