@@ -206,22 +206,14 @@ void CudaModel::ensureSlots(int slots) {
 }
 
 int CudaModel::createSequence() {
-  for (int i = 0; i < maxSeq_; ++i) {
-    Seq& s = seqs_[i];
-    if (s.used) continue;
-    ensureSlots(i + 1);
-    s.used = true;
-    s.len = 0;
-    return i;
-  }
-  throw EngineError("RESOURCE_EXHAUSTED", "all " + std::to_string(maxSeq_) + " sequence slots are in use");
+  const int i = firstFreeSlot(seqs_, maxSeq_);
+  ensureSlots(i + 1);
+  seqs_[i].used = true;
+  seqs_[i].len = 0;
+  return i;
 }
 
-CudaModel::Seq& CudaModel::seqAt(int seq, const char* what) {
-  if (seq < 0 || seq >= maxSeq_ || !seqs_[seq].used)
-    throw EngineError("NOT_FOUND", std::string(what) + ": no sequence " + std::to_string(seq));
-  return seqs_[seq];
-}
+CudaModel::Seq& CudaModel::seqAt(int seq, const char* what) { return liveSlot(seqs_, maxSeq_, seq, what); }
 
 void CudaModel::dropSequence(int seq) {
   Seq& s = seqAt(seq, "dropSequence");
@@ -229,18 +221,9 @@ void CudaModel::dropSequence(int seq) {
   s.len = 0;
 }
 
-int64_t CudaModel::sequenceLength(int seq) const {
-  if (seq < 0 || seq >= maxSeq_ || !seqs_[seq].used)
-    throw EngineError("NOT_FOUND", "sequenceLength: no sequence " + std::to_string(seq));
-  return seqs_[seq].len;
-}
+int64_t CudaModel::sequenceLength(int seq) const { return liveSlot(seqs_, maxSeq_, seq, "sequenceLength").len; }
 
-void CudaModel::truncateSequence(int seq, int64_t length) {
-  Seq& s = seqAt(seq, "truncateSequence");
-  if (length < 0 || length > s.len)
-    invalid("truncateSequence: length " + std::to_string(length) + " is outside 0.." + std::to_string(s.len));
-  s.len = length;
-}
+void CudaModel::truncateSequence(int seq, int64_t length) { truncateLive(seqAt(seq, "truncateSequence"), length); }
 
 // =============================================================================================
 // Adapters: copied to the device; replacing or removing one drops the captured graphs

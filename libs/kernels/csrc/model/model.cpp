@@ -318,28 +318,16 @@ void Model::releaseKv(Seq& s) {
   s.len = 0;
 }
 
-int64_t Model::kvCapacity(int seq) const {
-  if (seq < 0 || seq >= maxSeq_ || !seqs_[seq].used)
-    throw EngineError("NOT_FOUND", "kvCapacity: no sequence " + std::to_string(seq));
-  return seqs_[seq].cap;
-}
+int64_t Model::kvCapacity(int seq) const { return liveSlot(seqs_, maxSeq_, seq, "kvCapacity").cap; }
 
 int Model::createSequence() {
-  for (int i = 0; i < maxSeq_; ++i) {
-    Seq& s = seqs_[i];
-    if (s.used) continue;
-    s.used = true;
-    s.len = 0;
-    return i;
-  }
-  throw EngineError("RESOURCE_EXHAUSTED", "all " + std::to_string(maxSeq_) + " sequence slots are in use");
+  const int i = firstFreeSlot(seqs_, maxSeq_);
+  seqs_[i].used = true;
+  seqs_[i].len = 0;
+  return i;
 }
 
-Model::Seq& Model::seqAt(int seq, const char* what) {
-  if (seq < 0 || seq >= maxSeq_ || !seqs_[seq].used)
-    throw EngineError("NOT_FOUND", std::string(what) + ": no sequence " + std::to_string(seq));
-  return seqs_[seq];
-}
+Model::Seq& Model::seqAt(int seq, const char* what) { return liveSlot(seqs_, maxSeq_, seq, what); }
 
 void Model::dropSequence(int seq) {
   Seq& s = seqAt(seq, "dropSequence");
@@ -347,18 +335,9 @@ void Model::dropSequence(int seq) {
   releaseKv(s);  // back to the kernel (munmap): an idle slot holds nothing
 }
 
-int64_t Model::sequenceLength(int seq) const {
-  if (seq < 0 || seq >= maxSeq_ || !seqs_[seq].used)
-    throw EngineError("NOT_FOUND", "sequenceLength: no sequence " + std::to_string(seq));
-  return seqs_[seq].len;
-}
+int64_t Model::sequenceLength(int seq) const { return liveSlot(seqs_, maxSeq_, seq, "sequenceLength").len; }
 
-void Model::truncateSequence(int seq, int64_t length) {
-  Seq& s = seqAt(seq, "truncateSequence");
-  if (length < 0 || length > s.len)
-    invalid("truncateSequence: length " + std::to_string(length) + " is outside 0.." + std::to_string(s.len));
-  s.len = length;
-}
+void Model::truncateSequence(int seq, int64_t length) { truncateLive(seqAt(seq, "truncateSequence"), length); }
 
 // =============================================================================================
 // Adapters

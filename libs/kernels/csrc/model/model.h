@@ -94,6 +94,30 @@ struct RowSpec {
   int adapter;  // -1: base model
 };
 
+// Sequence slots, shared by the engines: `seqs` holds maxSeq user slots (Seq has `bool used` and
+// `int64_t len`). liveSlot: the slot of a live sequence, NOT_FOUND otherwise; firstFreeSlot: the
+// lowest unused slot, RESOURCE_EXHAUSTED when all are in use; truncateLive: keep the first `length`
+// tokens (0..len).
+template <class Seqs>
+auto& liveSlot(Seqs& seqs, int maxSeq, int seq, const char* what) {
+  if (seq < 0 || seq >= maxSeq || !seqs[seq].used)
+    throw EngineError("NOT_FOUND", std::string(what) + ": no sequence " + std::to_string(seq));
+  return seqs[seq];
+}
+template <class Seqs>
+int firstFreeSlot(const Seqs& seqs, int maxSeq) {
+  for (int i = 0; i < maxSeq; ++i)
+    if (!seqs[i].used) return i;
+  throw EngineError("RESOURCE_EXHAUSTED", "all " + std::to_string(maxSeq) + " sequence slots are in use");
+}
+template <class Seq>
+void truncateLive(Seq& s, int64_t length) {
+  if (length < 0 || length > s.len)
+    throw EngineError("INVALID_ARGUMENT", "truncateSequence: length " + std::to_string(length) + " is outside 0.." +
+                                              std::to_string(s.len));
+  s.len = length;
+}
+
 // The checks every engine's forward() applies to a batch, with the same messages: each row names a
 // live sequence (lengthOf(seq) → its length, NOT_FOUND otherwise) and a loaded adapter or none
 // (checkAdapter throws), has tokens, stays within maxContext, holds in-range token ids, and no
