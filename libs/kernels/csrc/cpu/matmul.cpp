@@ -189,6 +189,15 @@ inline DqRowScales dqRowScales(const Nf4DoubleQuantAbsmax& dq, int64_t rowBlock0
   return {dq.codes + first, dq.quantMap, dq.nestedAbsmax, dq.offset, first, shift};
 }
 
+// The M <= 8 row kernels stream W once; a software prefetch this far ahead of the bytes being decoded
+// (about half a row of a 8192-wide NF4 weight) keeps the stream ahead of the decode. Measured on the
+// 2048x8192 NF4 GEMV, 1 thread, CPU time, 8 copies rotated (75 MB > L3): int8 path 19.5 → 24.5 G
+// weights/s (1024 B: 22.4, 4096 B: 24.5); the hardware prefetcher alone leaves ~20% on the table.
+constexpr int64_t kGemvPrefetchBytes = 2048;
+inline void prefetchAhead(const void* at) {
+  _mm_prefetch(static_cast<const char*>(at) + kGemvPrefetchBytes, _MM_HINT_T0);
+}
+
 // AVX2 NF4 GEMV (rows with K % blocksize == 0: each row starts on a block and a byte). 16 packed bytes (32 elements) are decoded without vpermps:
 //   idx   = [low nibbles of bytes 0..15 | high nibbles of bytes 0..15]       (ymm, 32 x 4-bit)
 //   P_b   = pshufb(byte plane b of the NF4 table, idx), b = 0..3             (byte b of each float)
@@ -256,6 +265,7 @@ QK_AVX2 void rowDotNf4PlanesAvx2(const uint8_t* p, Scales am, int64_t K, int bs,
     for (int64_t k0 = 0, b = 0; k0 < K; k0 += bs, ++b) {
       __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
       for (int64_t k = k0; k < k0 + bs; k += 32) {
+        prefetchAhead(p + (k >> 1));
         const Nf4Group g = decode32Planes(p + (k >> 1), t0, t1, t2, t3);
         s0 = _mm256_fmadd_ps(g.f[0], _mm256_loadu_ps(xp + k), s0);
         s1 = _mm256_fmadd_ps(g.f[1], _mm256_loadu_ps(xp + k + 8), s1);
@@ -273,6 +283,7 @@ QK_AVX2 void rowDotNf4PlanesAvx2(const uint8_t* p, Scales am, int64_t K, int bs,
     for (int64_t k0 = 0, b = 0; k0 < K; k0 += bs, ++b) {
       const __m256 va = _mm256_set1_ps(am[b]);
       for (int64_t k = k0; k < k0 + bs; k += 32) {
+        prefetchAhead(p + (k >> 1));
         const Nf4Group g = decode32Planes(p + (k >> 1), t0, t1, t2, t3);
 #pragma GCC unroll 4
         for (int v = 0; v < 4; ++v) {
@@ -299,7 +310,9 @@ QK_AVX2 void rowDotDenseAvx2(const uint8_t* d, int64_t start, int64_t K, const f
   for (int m = 0; m < M; ++m)
     for (int u = 0; u < A; ++u) acc[m][u] = _mm256_setzero_ps();
   int64_t k = 0;
+  constexpr int64_t es = T == FloatType::F32 ? 4 : 2;  // bytes per element
   for (; k + 8 * A <= K; k += 8 * A) {
+    prefetchAhead(d + es * (start + k));
 #pragma GCC unroll 4
     for (int u = 0; u < A; ++u) {
       const __m256 wv = load8<T>(d, start + k + 8 * u);
@@ -633,6 +646,7 @@ QK_AVX2 void rowDotNf4Int8Avx2(const uint8_t* p, Scales am, const Int8Activation
     __m256i iacc[M];
     for (int m = 0; m < M; ++m) iacc[m] = _mm256_setzero_si256();
     const int64_t k0 = b * bs;
+    prefetchAhead(p + (k0 >> 1));
     for (int64_t k = k0; k < k0 + bs; k += S, xg += 2 * S * M) {
       __m256i w8[S / 32];
       if constexpr (S == 32) {
