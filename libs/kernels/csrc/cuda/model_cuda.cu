@@ -262,14 +262,9 @@ void CudaModel::removeAdapter(int slot) {
   adapters_[slot] = DevAdapter{};
 }
 
-bool CudaModel::hasAdapter(int slot) const {
-  return slot >= 0 && static_cast<size_t>(slot) < adapters_.size() && adapters_[slot].active;
-}
+bool CudaModel::hasAdapter(int slot) const { return adapterActive(adapters_, slot); }
 
-void CudaModel::checkAdapter(int adapter) const {
-  if (adapter != -1 && !hasAdapter(adapter))
-    throw EngineError("NOT_FOUND", "no adapter in slot " + std::to_string(adapter));
-}
+void CudaModel::checkAdapter(int adapter) const { checkAdapterSlot(adapters_, adapter); }
 
 // =============================================================================================
 // Scratch and graphs

@@ -384,14 +384,9 @@ void Model::removeAdapter(int slot) {
   adapters_[slot] = Adapter{};
 }
 
-bool Model::hasAdapter(int slot) const {
-  return slot >= 0 && static_cast<size_t>(slot) < adapters_.size() && adapters_[slot].active;
-}
+bool Model::hasAdapter(int slot) const { return adapterActive(adapters_, slot); }
 
-void Model::checkAdapter(int adapter) const {
-  if (adapter != -1 && !hasAdapter(adapter))
-    throw EngineError("NOT_FOUND", "no adapter in slot " + std::to_string(adapter));
-}
+void Model::checkAdapter(int adapter) const { checkAdapterSlot(adapters_, adapter); }
 
 // =============================================================================================
 // Scratch

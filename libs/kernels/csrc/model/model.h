@@ -118,6 +118,17 @@ void truncateLive(Seq& s, int64_t length) {
   s.len = length;
 }
 
+// Adapter slots, shared by the engines: slot s holds an adapter when adapters[s].active; -1 is the base.
+template <class Adapters>
+bool adapterActive(const Adapters& adapters, int slot) {
+  return slot >= 0 && static_cast<size_t>(slot) < adapters.size() && adapters[slot].active;
+}
+template <class Adapters>
+void checkAdapterSlot(const Adapters& adapters, int adapter) {
+  if (adapter != -1 && !adapterActive(adapters, adapter))
+    throw EngineError("NOT_FOUND", "no adapter in slot " + std::to_string(adapter));
+}
+
 // The checks every engine's forward() applies to a batch, with the same messages: each row names a
 // live sequence (lengthOf(seq) → its length, NOT_FOUND otherwise) and a loaded adapter or none
 // (checkAdapter throws), has tokens, stays within maxContext, holds in-range token ids, and no
