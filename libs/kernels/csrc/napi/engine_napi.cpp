@@ -15,6 +15,7 @@
 #include "cpu/sampling.h"
 #include "model/model.h"
 #include "napi/args.h"
+#include "napi/coded_args.h"
 #include "napi/registry.h"
 #ifdef QLORA_WITH_CUDA
 #include "cuda/model_cuda.h"
@@ -23,52 +24,19 @@
 namespace {
 
 using qk::engine::EngineError;
-
-[[noreturn]] void fail(const std::string& code, const std::string& msg) { throw EngineError(code, msg); }
+using qk::napi::coded::f32;
+using qk::napi::coded::fail;
+using qk::napi::coded::i32;
+using qk::napi::coded::num;
+using qk::napi::coded::Typed;
+using qk::napi::coded::typed;
 
 template <typename F>
 Napi::Value guarded(const Napi::CallbackInfo& info, F&& f) {
-  try {
-    return f();
-  } catch (const Napi::Error&) {
-    throw;
-  } catch (const EngineError& e) {
-    Napi::Error err = Napi::Error::New(info.Env(), e.what());
-    err.Set("code", Napi::String::New(info.Env(), e.code));
-    throw err;
-  } catch (const std::bad_alloc&) {
-    Napi::Error err = Napi::Error::New(info.Env(), "engine: out of memory");
-    err.Set("code", Napi::String::New(info.Env(), "RESOURCE_EXHAUSTED"));
-    throw err;
-  } catch (const std::exception& e) {
-    Napi::Error err = Napi::Error::New(info.Env(), e.what());
-    err.Set("code", Napi::String::New(info.Env(), "INTERNAL"));
-    throw err;
-  }
+  return qk::napi::coded::guarded(info, "engine", std::forward<F>(f));
 }
 
-// ---- argument helpers --------------------------------------------------------------------------
-template <typename T>
-struct Typed {
-  T* data = nullptr;
-  size_t length = 0;
-};
-
-template <typename T>
-Typed<T> typed(const Napi::Value& v, napi_typedarray_type type, const std::string& what) {
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type)
-    fail("INVALID_ARGUMENT", what + " has the wrong type (expected a typed array)");
-  auto ta = v.As<Napi::TypedArray>();
-  return {reinterpret_cast<T*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset()), ta.ElementLength()};
-}
-Typed<float> f32(const Napi::Value& v, const std::string& what) { return typed<float>(v, napi_float32_array, what); }
-Typed<int32_t> i32(const Napi::Value& v, const std::string& what) { return typed<int32_t>(v, napi_int32_array, what); }
-
-double num(const Napi::Object& o, const char* key, const std::string& what) {
-  Napi::Value v = o.Get(key);
-  if (!v.IsNumber()) fail("INVALID_ARGUMENT", what + "." + key + " must be a number");
-  return v.As<Napi::Number>().DoubleValue();
-}
+// ---- argument helpers (the shared ones: napi/coded_args.h) ------------------------------------
 int intOf(const Napi::Object& o, const char* key, const std::string& what) {
   double d = num(o, key, what);
   if (d != std::floor(d) || std::fabs(d) > 2147483647.0) fail("INVALID_ARGUMENT", what + "." + key + " must be an integer");
@@ -526,7 +494,7 @@ Napi::Value engineSampleToken(const Napi::CallbackInfo& info) {
       recent = r.data;
       nRecent = static_cast<int64_t>(r.length);
     }
-    auto rng = typed<uint64_t>(info[5], napi_biguint64_array, "rng");
+    auto rng = typed<uint64_t>(info[5], napi_biguint64_array, "rng", "a BigUint64Array");
     if (rng.length < 4) fail("INVALID_ARGUMENT", "rng must be a BigUint64Array(4)");
     int32_t tok = qk::sampleToken(logits.data + offset, vocab, p, recent, nRecent, rng.data);
     return Napi::Number::New(info.Env(), tok);

@@ -16,6 +16,7 @@
 #include "model/model.h"
 #include "model/train.h"
 #include "napi/args.h"
+#include "napi/coded_args.h"
 #include "napi/registry.h"
 
 namespace qk {
@@ -27,45 +28,19 @@ Model* unwrapNativeModel(const Napi::Value& v);  // napi/engine_napi.cpp
 namespace {
 
 using qk::engine::EngineError;
-
-[[noreturn]] void fail(const std::string& code, const std::string& msg) { throw EngineError(code, msg); }
-[[noreturn]] void bad(const std::string& msg) { fail("INVALID_ARGUMENT", msg); }
+using qk::napi::coded::bad;
+using qk::napi::coded::f32;
+using qk::napi::coded::fail;
+using qk::napi::coded::i32;
+using qk::napi::coded::num;
+using qk::napi::coded::Typed;
 
 template <typename F>
 Napi::Value guarded(const Napi::CallbackInfo& info, F&& f) {
-  auto raise = [&](const char* code, const char* msg) {
-    Napi::Error err = Napi::Error::New(info.Env(), msg);
-    err.Set("code", Napi::String::New(info.Env(), code));
-    throw err;
-  };
-  try {
-    return f();
-  } catch (const Napi::Error&) {
-    throw;
-  } catch (const EngineError& e) {
-    raise(e.code.c_str(), e.what());
-  } catch (const std::bad_alloc&) {
-    raise("RESOURCE_EXHAUSTED", "training: out of memory");
-  } catch (const std::exception& e) {
-    raise("INTERNAL", e.what());
-  }
-  return info.Env().Undefined();
+  return qk::napi::coded::guarded(info, "training", std::forward<F>(f));
 }
 
-// ---- argument helpers ---------------------------------------------------------------------------
-template <typename T>
-struct Typed {
-  T* data = nullptr;
-  size_t length = 0;
-};
-template <typename T>
-Typed<T> typed(const Napi::Value& v, napi_typedarray_type type, const std::string& what) {
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type) bad(what + " has the wrong type");
-  auto ta = v.As<Napi::TypedArray>();
-  return {reinterpret_cast<T*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset()), ta.ElementLength()};
-}
-Typed<float> f32(const Napi::Value& v, const std::string& what) { return typed<float>(v, napi_float32_array, what + " (Float32Array)"); }
-Typed<int32_t> i32(const Napi::Value& v, const std::string& what) { return typed<int32_t>(v, napi_int32_array, what + " (Int32Array)"); }
+// ---- argument helpers (the shared ones: napi/coded_args.h) -------------------------------------
 const float* optF32(const Napi::Value& v, size_t need, const std::string& what) {
   if (v.IsNull() || v.IsUndefined()) return nullptr;
   auto a = f32(v, what);
@@ -73,11 +48,6 @@ const float* optF32(const Napi::Value& v, size_t need, const std::string& what) 
   return a.data;
 }
 
-double num(const Napi::Object& o, const char* key, const std::string& what) {
-  Napi::Value v = o.Get(key);
-  if (!v.IsNumber()) bad(what + "." + key + " must be a number");
-  return v.As<Napi::Number>().DoubleValue();
-}
 int64_t integer(const Napi::Value& v, const std::string& what) {
   if (!v.IsNumber()) bad(what + " must be an integer");
   const double d = v.As<Napi::Number>().DoubleValue();
