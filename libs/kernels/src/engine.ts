@@ -3,8 +3,9 @@
  * frozen NF4 / f16 / bf16 / f32 weights referenced in place, unmerged LoRA adapters mixed per
  * batch row, a per-sequence KV cache; plus the sampling kernel. Design: docs/engine.md.
  */
-import { FailedPrecondition, InvalidArgument, NotFound, QloraError, ResourceExhausted } from "@qlora/core";
+import { InvalidArgument } from "@qlora/core";
 import { native } from "./native.js";
+import { rethrowNative } from "./native-errors.js";
 import type { WeightTensor } from "./tensor.js";
 
 export interface RopeScalingLlama3 {
@@ -103,23 +104,6 @@ export interface SamplingParams {
   repetitionPenalty: number;
 }
 
-/** Maps a native error (its `code` property) to the @qlora/core error classes. */
-function rethrow(e: unknown): never {
-  if (e instanceof QloraError || !(e instanceof Error)) throw e;
-  const code = (e as Error & { code?: string }).code;
-  switch (code) {
-    case "INVALID_ARGUMENT":
-      throw new InvalidArgument(e.message, { cause: e });
-    case "NOT_FOUND":
-      throw new NotFound(e.message, { cause: e });
-    case "RESOURCE_EXHAUSTED":
-      throw new ResourceExhausted(e.message, { cause: e });
-    case "FAILED_PRECONDITION":
-      throw new FailedPrecondition(e.message, { cause: e });
-    default:
-      throw e;
-  }
-}
 
 let modelClass: (new (config: EngineConfig, weights: Record<string, WeightTensor>, options: EngineOptions) => any) | undefined;
 
@@ -140,7 +124,7 @@ export class NativeModel {
     try {
       this.#m = new modelClass!(config, weights, options);
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
     this.config = { ...config };
     const info = this.#m.info();
@@ -156,7 +140,7 @@ export class NativeModel {
       const info = this.#m.info();
       return info.device === "cuda" ? { captured: info.graphsCaptured, launches: info.graphLaunches } : null;
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
   }
 
@@ -170,7 +154,7 @@ export class NativeModel {
     try {
       return this.#m.createSequence();
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
   }
 
@@ -178,7 +162,7 @@ export class NativeModel {
     try {
       this.#m.dropSequence(seq);
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
   }
 
@@ -186,7 +170,7 @@ export class NativeModel {
     try {
       return this.#m.sequenceLength(seq);
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
   }
 
@@ -195,7 +179,7 @@ export class NativeModel {
     try {
       this.#m.truncateSequence(seq, length);
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
   }
 
@@ -204,7 +188,7 @@ export class NativeModel {
     try {
       this.#m.setAdapter(slot, adapter);
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
   }
 
@@ -212,7 +196,7 @@ export class NativeModel {
     try {
       this.#m.removeAdapter(slot);
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
   }
 
@@ -224,7 +208,7 @@ export class NativeModel {
     try {
       return this.#m.forward(rows, options?.allLogits === true, options?.out);
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
   }
 
@@ -233,7 +217,7 @@ export class NativeModel {
     try {
       return this.#m.crossEntropy(tokens, adapter);
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
   }
 
@@ -245,7 +229,7 @@ export class NativeModel {
     try {
       return this.#m.residentBytes();
     } catch (e) {
-      rethrow(e);
+      rethrowNative(e);
     }
   }
 
@@ -270,7 +254,7 @@ export function sampleToken(
   try {
     return native.engineSampleToken(logits, offset, vocab, params, recent, rng);
   } catch (e) {
-    rethrow(e);
+    rethrowNative(e);
   }
 }
 
@@ -279,7 +263,7 @@ export function seedRng(seed: bigint): BigUint64Array {
   try {
     return native.engineSeedRng(BigInt.asUintN(64, seed));
   } catch (e) {
-    rethrow(e);
+    rethrowNative(e);
   }
 }
 

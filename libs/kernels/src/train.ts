@@ -5,8 +5,8 @@
  * adapter slot; the slot also serves `forward()` (inference) with the trained weights, unmerged.
  * Design and math: docs/engine-training.md.
  */
-import { FailedPrecondition, InvalidArgument, NotFound, QloraError, ResourceExhausted } from "@qlora/core";
 import { NativeModel } from "./engine.js";
+import { rethrowNative } from "./native-errors.js";
 import { native } from "./native.js";
 import type { WeightTensor } from "./tensor.js";
 
@@ -89,22 +89,6 @@ declare module "./engine.js" {
   }
 }
 
-/** Maps a native error (its `code` property) to the @qlora/core error classes. */
-function rethrow(e: unknown): never {
-  if (e instanceof QloraError || !(e instanceof Error)) throw e;
-  switch ((e as Error & { code?: string }).code) {
-    case "INVALID_ARGUMENT":
-      throw new InvalidArgument(e.message, { cause: e });
-    case "NOT_FOUND":
-      throw new NotFound(e.message, { cause: e });
-    case "RESOURCE_EXHAUSTED":
-      throw new ResourceExhausted(e.message, { cause: e });
-    case "FAILED_PRECONDITION":
-      throw new FailedPrecondition(e.message, { cause: e });
-    default:
-      throw e;
-  }
-}
 
 // One native trainer per model, created on first use; it lives as long as the model object.
 const trainers = new WeakMap<NativeModel, unknown>();
@@ -121,7 +105,7 @@ function call<T>(m: NativeModel, fn: (trainer: unknown, handle: unknown) => T): 
   try {
     return fn(trainerOf(m), m.handle);
   } catch (e) {
-    rethrow(e);
+    rethrowNative(e);
   }
 }
 
