@@ -2,7 +2,8 @@
 // `npm run test:integration`: the three services as containers against real stores, driven over
 // gRPC from this machine (docs/integration.md).
 //
-// 1. builds the image from deploy/docker/Dockerfile ONCE (BuildKit; or uses QLORA_IT_IMAGE),
+// 1. builds the image from deploy/docker/Dockerfile ONCE (BuildKit; or uses QLORA_IT_IMAGE), and the
+//    GPU image from deploy/docker/Dockerfile.cuda when this machine has nvcc (QLORA_IT_CUDA_IMAGE),
 // 2. starts PostgreSQL and an S3-compatible server (OpenStack Swift + s3api) as host processes with
 //    tests/support/start-postgres.sh and start-s3.sh (or uses QLORA_IT_S3_ENDPOINT),
 // 3. makes both reachable from containers: a Docker network of its own, and TCP relays on that
@@ -14,6 +15,8 @@
 //
 // Environment (all optional):
 //   QLORA_IT_IMAGE=TAG         use this image instead of building one (it is not removed)
+//   QLORA_IT_CUDA_IMAGE=TAG|0  the GPU image (Dockerfile.cuda) to test, or 0 for none; default: built
+//                              offline when this machine has nvcc (cuda-image.test.mjs skips otherwise)
 //   QLORA_IT_KEEP_IMAGE=1      keep the image built here (tag printed at the end)
 //   QLORA_IT_S3_ENDPOINT=URL   use a running S3-compatible server on this machine (with
 //                              QLORA_IT_S3_ACCESS_KEY_ID / QLORA_IT_S3_SECRET_ACCESS_KEY, default Swift's
@@ -28,6 +31,7 @@ import net from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { findNvcc } from "../../libs/kernels/scripts/cuda-config.mjs";
 
 const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const HERE = join(REPO, "tests", "integration");
@@ -180,6 +184,43 @@ async function main() {
     });
   }
 
+  // ---- The GPU image (deploy/docker/Dockerfile.cuda), offline: the build stage on an image made from
+  // this machine's CUDA toolkit (deploy/docker/make-cuda-toolkit-image.sh), the runtime stage on the
+  // node image (the addon's CUDA runtime is static). Tested by cuda-image.test.mjs.
+  let cudaImage = process.env.QLORA_IT_CUDA_IMAGE;
+  let cudaSkipped;
+  if (cudaImage === "0") {
+    cudaImage = undefined;
+    cudaSkipped = "QLORA_IT_CUDA_IMAGE=0";
+  } else if (cudaImage && cudaImage !== "build") {
+    if (docker(["image", "inspect", cudaImage]).status !== 0) throw new Error(`QLORA_IT_CUDA_IMAGE=${cudaImage}: no such image`);
+    log(`using the GPU image ${cudaImage} (QLORA_IT_CUDA_IMAGE)`);
+  } else if (!findNvcc()) {
+    cudaImage = undefined;
+    cudaSkipped = "no nvcc on this machine to build the GPU image offline (CUDA_HOME, /usr/local/cuda/bin, PATH)";
+    log(`GPU image: skipped (${cudaSkipped})`);
+  } else {
+    const toolkit = await step("make the CUDA build image (deploy/docker/make-cuda-toolkit-image.sh)", async () => {
+      const logFile = join(LOG_DIR, "cuda-toolkit-image.log");
+      await runLogged("bash", [join(REPO, "deploy/docker/make-cuda-toolkit-image.sh")], { env: { ...process.env, DOCKER }, logFile });
+      return readFileSync(logFile, "utf8").trim().split("\n").at(-1);
+    });
+    const tag = `qlora-it-cuda:${RUN}`;
+    await step("build the GPU image (deploy/docker/Dockerfile.cuda, BuildKit)", () =>
+      runLogged(
+        DOCKER,
+        ["build", "--progress=plain", "-f", "deploy/docker/Dockerfile.cuda", "-t", tag,
+          "--build-arg", `CUDA_BUILD_IMAGE=${toolkit}`, "--build-arg", "CUDA_RUNTIME_IMAGE=node:20-bookworm-slim", "."],
+        { env: { ...process.env, DOCKER_BUILDKIT: "1" }, logFile: join(LOG_DIR, "build-cuda.log") },
+      ),
+    );
+    cleanups.push(() => {
+      if (process.env.QLORA_IT_KEEP_IMAGE === "1") return log(`kept the image ${tag}`);
+      docker(["image", "rm", "-f", tag]);
+    });
+    cudaImage = tag;
+  }
+
   // ---- Stores (host processes)
   mkdirSync(WORK, { recursive: true });
   cleanups.push(() => rmSync(WORK, { recursive: true, force: true }));
@@ -282,6 +323,7 @@ async function main() {
     TESTCONTAINERS_RYUK_DISABLED: "true",
     QLORA_IT_RUN: RUN,
     QLORA_IT_IMAGE: image,
+    ...(cudaImage ? { QLORA_IT_CUDA_IMAGE: cudaImage } : { QLORA_IT_CUDA_IMAGE: "", QLORA_IT_CUDA_SKIPPED: cudaSkipped }),
     QLORA_IT_NETWORK: network,
     QLORA_IT_LOG_DIR: LOG_DIR,
     QLORA_IT_WORK_DIR: WORK,

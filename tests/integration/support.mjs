@@ -66,9 +66,9 @@ export function argsFor(service, env) {
  * ConfigMap/Secret environment (S3 + PostgreSQL of this run), uid 10001, read-only root filesystem,
  * a fresh /tmp and /data (a pod's emptyDirs: nothing survives the container), all capabilities
  * dropped, no-new-privileges. Resolves once the container logged its listening line and its gRPC
- * health check says SERVING.
+ * health check says SERVING. `image` / `args` override the run's image and the manifests' args.
  */
-export async function startService(service, { label = service, env = {} } = {}) {
+export async function startService(service, { label = service, env = {}, image = E.QLORA_IT_IMAGE, args } = {}) {
   const { GenericContainer, Wait } = await import("testcontainers");
   class PodLikeContainer extends GenericContainer {
     constructor(image) {
@@ -79,11 +79,11 @@ export async function startService(service, { label = service, env = {} } = {}) 
   const name = `qlora-it-${RUN}-${label}`;
   const logFile = join(LOG_DIR, `${label}.log`);
   const tail = [];
-  const container = await new PodLikeContainer(E.QLORA_IT_IMAGE)
+  const container = await new PodLikeContainer(image)
     .withName(name)
     .withLabels({ "qlora-it": RUN })
     .withNetworkMode(E.QLORA_IT_NETWORK)
-    .withCommand(argsFor(service, { ...SERVICE_ENV, ...env }))
+    .withCommand(args ?? argsFor(service, { ...SERVICE_ENV, ...env }))
     .withEnvironment({ ...SERVICE_ENV, ...env })
     .withExposedPorts(8080)
     // /tmp: a tmpfs (the pod's emptyDir). /data: the image's VOLUME, a fresh anonymous volume per
