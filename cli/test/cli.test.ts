@@ -1,15 +1,15 @@
 import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdir, mkdtemp, readdir, readFile, stat, writeFile } from "node:fs/promises";
+import { mkdtemp, readdir, readFile, stat } from "node:fs/promises";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
-import { canonicalToHf, expectedWeights, numel, parseModelConfig, ShardedSafetensorsWriter, type PyJsonValue } from "@qlora/formats";
 import { health, QuantizerService } from "@qlora/proto";
+import { CANCELLABLE_LLAMA_CONFIG, writeFastCheckpoint } from "@qlora/quantizer/test-support";
 import { commands, runCli } from "../src/cli.js";
 import { progressReporter } from "../src/output.js";
 import type { Io } from "../src/command.js";
@@ -52,27 +52,6 @@ async function runInProcess(args: string[], env: NodeJS.ProcessEnv = {}, signal?
   };
   const code = await runCli(args, io, signal);
   return { code, signal: null, stdout, stderr };
-}
-
-/** A Llama checkpoint filled with cheap pseudo-random values: large enough to be interrupted. */
-async function writeFastCheckpoint(dir: string, config: Record<string, PyJsonValue>): Promise<void> {
-  const cfg = parseModelConfig(config);
-  const plan = [...expectedWeights(cfg)]
-    .filter(([, e]) => e.required)
-    .map(([name, e]) => ({ name: canonicalToHf(name, cfg.family, "model."), dtype: "F32" as const, shape: e.shape }));
-  await mkdir(dir, { recursive: true });
-  const w = await ShardedSafetensorsWriter.create(dir, plan, { maxShardSize: Number.MAX_SAFE_INTEGER });
-  let x = 7;
-  for (const p of plan) {
-    const a = new Float32Array(numel(p.shape));
-    for (let i = 0; i < a.length; i++) {
-      x = (Math.imul(x, 1103515245) + 12345) | 0;
-      a[i] = ((x >>> 8) / (1 << 24) - 0.5) * 0.1;
-    }
-    await w.write(p.name, new Uint8Array(a.buffer));
-  }
-  await w.finish();
-  await writeFile(path.join(dir, "config.json"), JSON.stringify(config));
 }
 
 const tmp = (prefix: string) => mkdtemp(path.join(tmpdir(), prefix));
@@ -210,18 +189,7 @@ describe("qlora quantize cancellation", () => {
   test("SIGINT during a quantization: exit 130 and nothing written (output complete or absent)", async (t) => {
     const dir = await tmp("qlora-cli-sigint-");
     const model = path.join(dir, "big");
-    await writeFastCheckpoint(model, {
-      architectures: ["LlamaForCausalLM"],
-      model_type: "llama",
-      hidden_size: 256,
-      intermediate_size: 1024,
-      num_hidden_layers: 8,
-      num_attention_heads: 4,
-      num_key_value_heads: 4,
-      vocab_size: 1024,
-      max_position_embeddings: 128,
-      tie_word_embeddings: true,
-    });
+    await writeFastCheckpoint(model, CANCELLABLE_LLAMA_CONFIG);
     const out = path.join(dir, "out");
     const child = spawn(process.execPath, [MAIN, "quantize", "--model", model, "--out", out, "--json"]);
     let stderr = "";

@@ -5,18 +5,14 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 import { NativeModel } from "@qlora/kernels";
+import { skipNoStories, storiesDir, storyText } from "@qlora/model/test-support";
 import { runCli } from "../src/cli.js";
 import type { Io } from "../src/command.js";
 
-const repoRoot = resolve(fileURLToPath(new URL(".", import.meta.url)), "../../..");
-const storiesDir = process.env.QLORA_STORIES_DIR ?? resolve(repoRoot, "../shared/models/stories260K");
-const haveStories = existsSync(join(storiesDir, "model.safetensors"));
-const skipNoStories = haveStories ? false : `stories260K not found at ${storiesDir}`;
 const hasTrainingApi = typeof (NativeModel.prototype as unknown as Record<string, unknown>)["trainForwardBackward"] === "function";
 
 function memoryIo(cwd: string): Io & { out: () => string; err: () => string } {
@@ -40,20 +36,7 @@ async function cli(args: string[], cwd = tmpdir()): Promise<{ code: number; out:
   return { code, out: io.out(), err: io.err() };
 }
 
-const STORY = [
-  "Tom had a red kite. He took it to the hill on a windy day.",
-  "The kite went up and up. Tom laughed and ran with the string.",
-  "A bird flew next to the kite. The bird sang a happy song.",
-  "Then the wind stopped. The kite came down into a tall tree.",
-  "Tom was sad. His friend Sue came with a long stick.",
-  "Sue helped Tom get the kite out of the tree. Tom said thank you.",
-  "They flew the kite together until the sun went down.",
-  "At home, Tom told his mom about the bird and the tree.",
-  "The next morning it rained. Tom and Sue stayed inside and drew pictures.",
-  "Sue drew a big green frog. Tom drew his red kite in the blue sky.",
-  "After lunch the rain stopped and a rainbow came out over the hill.",
-  "They found a small puppy under a bush. The puppy was cold and scared.",
-].join("\n");
+const STORY = storyText(12);
 
 function workdir(): string {
   const dir = mkdtempSync(join(tmpdir(), "qlora-cli-train-"));

@@ -6,14 +6,12 @@
 // dropout mask itself, and the AdamW update.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { cpuInfo, decodeWeight, quantizeNf4, setSimd, trainOps } from "../src/index.js";
+import { cpuInfo, decodeWeight, setSimd, trainOps } from "../src/index.js";
 import type { SimdLevel, WeightTensor } from "../src/index.js";
+import { assertGradClose, bf16Tensor, erf, f32Tensor, nf4Tensor, rand } from "./helpers.js";
 import { rng } from "./random.js";
 
 // ---- helpers ----------------------------------------------------------------------------------
-function rand(n: number, r: () => number, lo = -1, hi = 1): Float32Array {
-  return Float32Array.from({ length: n }, () => lo + (hi - lo) * r());
-}
 const f64 = (a: ArrayLike<number>) => Float64Array.from(a as ArrayLike<number>);
 
 /** Central finite difference of f at x (float64), every coordinate. */
@@ -34,18 +32,7 @@ function fdGrad(f: (x: Float64Array) => number, x0: ArrayLike<number>, h = 1e-5)
 
 /** max |a - b| <= rtol · max |b| + atol */
 function assertGrad(a: ArrayLike<number>, b: ArrayLike<number>, what: string, rtol = 2e-4, atol = 1e-6): void {
-  assert.equal(a.length, b.length, `${what}: lengths differ`);
-  let scale = 0, err = 0, at = 0;
-  for (let i = 0; i < b.length; i++) scale = Math.max(scale, Math.abs(b[i]!));
-  for (let i = 0; i < a.length; i++) {
-    const d = Math.abs(a[i]! - b[i]!);
-    if (!(d <= err)) {
-      err = d;
-      at = i;
-    }
-  }
-  assert.ok(scale > 0 || err <= atol, `${what}: reference gradient is all zero`);
-  assert.ok(err <= rtol * scale + atol, `${what}: max |diff| ${err} at ${at} (${a[at]} vs ${b[at]}) > ${rtol} · ${scale} + ${atol}`);
+  assertGradClose(a, b, what, rtol, atol, { nonZeroReference: true });
 }
 const dotR = (y: ArrayLike<number>, R: ArrayLike<number>) => {
   let s = 0;
@@ -72,35 +59,12 @@ function eachLevel(fn: (level: SimdLevel) => void): void {
   }
 }
 
-// erf in float64 (Taylor series; |x| <= 4 is all the tests use)
-function erf(x: number): number {
-  if (Math.abs(x) > 5) return Math.sign(x);
-  let term = x, sum = x;
-  for (let n = 1; n < 200; n++) {
-    term *= (-x * x) / n;
-    const t = term / (2 * n + 1);
-    sum += t;
-    if (Math.abs(t) < 1e-17 * Math.abs(sum)) break;
-  }
-  return (2 / Math.sqrt(Math.PI)) * sum;
-}
 function act(kind: string, x: number): number {
   if (kind === "silu") return x / (1 + Math.exp(-x));
   if (kind === "relu") return x > 0 ? x : 0;
   return 0.5 * x * (1 + erf(x / Math.SQRT2));
 }
 
-const f32Tensor = (a: Float32Array, shape: number[]): WeightTensor => ({ dtype: "f32", shape, data: new Uint8Array(a.buffer, a.byteOffset, a.byteLength) });
-function bf16Tensor(a: Float32Array, shape: number[]): WeightTensor {
-  const u = new Uint16Array(a.length);
-  const bits = new Uint32Array(a.buffer, a.byteOffset, a.length);
-  for (let i = 0; i < a.length; i++) u[i] = bits[i]! >>> 16; // truncation: any bf16 value will do
-  return { dtype: "bf16", shape, data: new Uint8Array(u.buffer) };
-}
-function nf4Tensor(a: Float32Array, shape: number[], blocksize = 32): WeightTensor {
-  const q = quantizeNf4(a, "f32", a.length, blocksize);
-  return { dtype: "nf4", shape, data: q.packed, absmax: q.absmax, blocksize };
-}
 /** The weight's values as the kernels see them (decoded). */
 const valuesOf = (w: WeightTensor) => decodeWeight(w, 0, w.shape[0]! * w.shape[1]!);
 

@@ -8,6 +8,7 @@ import { InvalidArgument, NotFound, ResourceExhausted } from "@qlora/core";
 import { NativeModel, dequantizeNf4, quantizeNf4, sampleToken, seedRng } from "../src/index.js";
 import type { EngineAdapter, EngineConfig } from "../src/index.js";
 import type { WeightTensor } from "../src/tensor.js";
+import { f32Tensor, readSafetensors, storiesDir } from "./helpers.js";
 import { rng, uniformSigned } from "./random.js";
 
 // ---- helpers ----------------------------------------------------------------------------------
@@ -21,7 +22,6 @@ function assertClose(a: ArrayLike<number>, b: ArrayLike<number>, tol: number, wh
   const d = maxDiff(a, b);
   assert.ok(d <= tol, `${what}: max |diff| ${d} > ${tol}`);
 }
-const f32Tensor = (a: Float32Array, shape: number[]): WeightTensor => ({ dtype: "f32", shape, data: new Uint8Array(a.buffer, a.byteOffset, a.byteLength) });
 const argmax = (a: ArrayLike<number>, off = 0, n = a.length) => {
   let b = 0;
   for (let i = 1; i < n; i++) if (a[off + i]! > a[off + b]!) b = i;
@@ -470,22 +470,6 @@ test("weights are validated: missing, misshapen and unexpected tensors", () => {
 });
 
 // ---- the real checkpoint ----------------------------------------------------------------------
-const storiesDir = "/work/shared/models/stories260K";
-
-/** Minimal safetensors reader: u64 header size, JSON header, raw little-endian data. */
-function readSafetensors(path: string): Map<string, { dtype: string; shape: number[]; data: Uint8Array }> {
-  const buf = readFileSync(path);
-  const n = Number(buf.readBigUInt64LE(0));
-  const header = JSON.parse(buf.subarray(8, 8 + n).toString("utf8")) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
-  const out = new Map<string, { dtype: string; shape: number[]; data: Uint8Array }>();
-  for (const [name, e] of Object.entries(header)) {
-    if (name === "__metadata__") continue;
-    // copy: a fresh ArrayBuffer keeps f32 data 4-byte aligned whatever the header length
-    out.set(name, { dtype: e.dtype, shape: e.shape, data: new Uint8Array(buf.subarray(8 + n + e.data_offsets[0], 8 + n + e.data_offsets[1])) });
-  }
-  return out;
-}
-
 test("stories260K: greedy tokens, cross-entropy and final logits match reference.json", { skip: !existsSync(`${storiesDir}/model.safetensors`) }, () => {
   const hf = JSON.parse(readFileSync(`${storiesDir}/config.json`, "utf8"));
   const ref = JSON.parse(readFileSync(`${storiesDir}/reference.json`, "utf8"));

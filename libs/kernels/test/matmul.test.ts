@@ -4,12 +4,11 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { decodeWeight, gemm, linear, linearBackwardInput } from "../src/index.js";
-import { LEVELS, makeWeight, normals, oracleWeight, withLevel } from "./matmul_fixtures.js";
+import { assertWithinBound, LEVELS, makeWeight, normals, oracleWeight, storeForwardOutput, withLevel, type OracleOut } from "./matmul_fixtures.js";
 
 /** y = x·Wᵀ (+bias) (+prev) in float64, with the per-element bound sum |x||w| (+|bias|+|prev|). */
-function oracleForward(x: Float32Array, M: number, W: Float64Array, N: number, K: number, bias?: Float32Array, prev?: Float32Array) {
-  const y = new Float64Array(M * N);
-  const mag = new Float64Array(M * N);
+function oracleForward(x: Float32Array, M: number, W: Float64Array, N: number, K: number, bias?: Float32Array, prev?: Float32Array): OracleOut {
+  const out: OracleOut = { y: new Float64Array(M * N), mag: new Float64Array(M * N) };
   for (let m = 0; m < M; m++) {
     for (let n = 0; n < N; n++) {
       let s = 0;
@@ -19,19 +18,10 @@ function oracleForward(x: Float32Array, M: number, W: Float64Array, N: number, K
         s += p;
         a += Math.abs(p);
       }
-      if (bias) {
-        s += bias[n]!;
-        a += Math.abs(bias[n]!);
-      }
-      if (prev) {
-        s += prev[m * N + n]!;
-        a += Math.abs(prev[m * N + n]!);
-      }
-      y[m * N + n] = s;
-      mag[m * N + n] = a;
+      storeForwardOutput(out, m * N + n, n, s, a, bias, prev);
     }
   }
-  return { y, mag };
+  return out;
 }
 
 function oracleBackward(dy: Float32Array, M: number, W: Float64Array, N: number, K: number, prev?: Float32Array) {
@@ -57,13 +47,8 @@ function oracleBackward(dy: Float32Array, M: number, W: Float64Array, N: number,
 }
 
 /** |got - want| <= rel * mag + abs: float32 accumulation of depth K has error ~ K·eps·sum|terms|. */
-function assertClose(got: Float32Array, want: Float64Array, mag: Float64Array, depth: number, what: string): void {
-  assert.equal(got.length, want.length, `${what}: length`);
-  const rel = Math.max(64, 2 * depth) * 2 ** -24;
-  for (let i = 0; i < want.length; i++) {
-    const err = Math.abs(got[i]! - want[i]!);
-    if (!(err <= rel * mag[i]! + 1e-30)) assert.fail(`${what}: at ${i}: ${got[i]} vs ${want[i]} (bound ${rel * mag[i]!})`);
-  }
+function assertClose(got: Float32Array, want: OracleOut, depth: number, what: string): void {
+  assertWithinBound(got, want, Math.max(64, 2 * depth) * 2 ** -24, what);
 }
 
 // Shapes: M covers the M<=8 streaming kernels (each template) and the packed GEMM (9+, partial
@@ -99,10 +84,10 @@ test("linear: scalar = float64 oracle; every SIMD level = scalar; all dtypes, bi
       for (const level of LEVELS) {
         const tag = `${dtype} M=${M} N=${N} K=${K} bs=${bs} ${level}`;
         const y = withLevel(level, () => linear(x, M, w, bias));
-        assertClose(y, plain.y, plain.mag, K, tag);
+        assertClose(y, plain, K, tag);
         const out = prev.slice();
         withLevel(level, () => linear(x, M, w, bias, out, true));
-        assertClose(out, acc.y, acc.mag, K, `${tag} accumulate`);
+        assertClose(out, acc, K, `${tag} accumulate`);
       }
     }
   }
@@ -120,10 +105,10 @@ test("linearBackwardInput: scalar = oracle; SIMD = scalar; all dtypes, accumulat
       const acc = oracleBackward(dy, M, W, N, K, prev);
       for (const level of LEVELS) {
         const tag = `${dtype} M=${M} N=${N} K=${K} ${level}`;
-        assertClose(withLevel(level, () => linearBackwardInput(dy, M, w)), plain.y, plain.mag, N, tag);
+        assertClose(withLevel(level, () => linearBackwardInput(dy, M, w)), plain, N, tag);
         const out = prev.slice();
         withLevel(level, () => linearBackwardInput(dy, M, w, out, true));
-        assertClose(out, acc.y, acc.mag, N, `${tag} accumulate`);
+        assertClose(out, acc, N, `${tag} accumulate`);
       }
     }
   }
@@ -185,7 +170,7 @@ test("gemm: every transpose combination, alpha/beta, padded leading dimensions; 
               // the padding columns of C are never touched
               for (let j = N; j < ldc; j++) assert.equal(C[i * ldc + j], C0[i * ldc + j]);
             }
-            assertClose(got, want.y, want.mag, K, `gemm ${M}x${N}x${K} tA=${tA} tB=${tB} a=${alpha} b=${beta} ${level}`);
+            assertClose(got, want, K, `gemm ${M}x${N}x${K} tA=${tA} tB=${tB} a=${alpha} b=${beta} ${level}`);
           }
         }
       }

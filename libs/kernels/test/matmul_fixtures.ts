@@ -100,6 +100,41 @@ export function oracleWeight(w: WeightTensor): Float64Array {
   return out;
 }
 
+/** A float64 oracle's output: the values and, per element, the sum of |terms| that bounds float32 rounding. */
+export interface OracleOut {
+  y: Float64Array;
+  mag: Float64Array;
+}
+
+/**
+ * Stores output element i = m·N + n of a forward oracle from its dot product `dot` and magnitude
+ * `dotMag`, adding the bias term bias[n] and the accumulated previous value prev[i] (each with its
+ * magnitude) where given: y = dot (+bias) (+prev), what every linear kernel's epilogue computes.
+ */
+export function storeForwardOutput(out: OracleOut, i: number, n: number, dot: number, dotMag: number, bias?: Float32Array, prev?: Float32Array): void {
+  let s = dot;
+  let a = dotMag;
+  if (bias) {
+    s += bias[n]!;
+    a += Math.abs(bias[n]!);
+  }
+  if (prev) {
+    s += prev[i]!;
+    a += Math.abs(prev[i]!);
+  }
+  out.y[i] = s;
+  out.mag[i] = a;
+}
+
+/** |got - want| <= rel · mag (+1e-30) element by element; fails with the first element outside the bound. */
+export function assertWithinBound(got: Float32Array, want: OracleOut, rel: number, what: string): void {
+  assert.equal(got.length, want.y.length, `${what}: length`);
+  for (let i = 0; i < want.y.length; i++) {
+    const err = Math.abs(got[i]! - want.y[i]!);
+    if (!(err <= rel * want.mag[i]! + 1e-30)) assert.fail(`${what}: at ${i}: ${got[i]} vs ${want.y[i]} (bound ${rel * want.mag[i]!})`);
+  }
+}
+
 /** Every SIMD level this CPU has (scalar first); the cap is left at the widest. */
 export const LEVELS: SimdLevel[] = (() => {
   const seen = new Set<SimdLevel>();

@@ -7,7 +7,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { linear, linearInt8, type WeightTensor } from "../src/index.js";
-import { LEVELS, NF4_TABLE, makeWeight, normals, oracleWeight, withLevel } from "./matmul_fixtures.js";
+import { assertWithinBound, LEVELS, NF4_TABLE, makeWeight, normals, oracleWeight, storeForwardOutput, withLevel, type OracleOut } from "./matmul_fixtures.js";
 
 const f = Math.fround;
 
@@ -65,12 +65,11 @@ function code(w: WeightTensor, i: number): number {
  * magnitude Σ_b xf_b·absmax_b·Σ_k |q·c| (+|bias|+|prev|) that bounds the float rounding of any
  * summation order.
  */
-function oracleInt8(qx: QuantX, M: number, w: WeightTensor, bias?: Float32Array, prev?: Float32Array) {
+function oracleInt8(qx: QuantX, M: number, w: WeightTensor, bias?: Float32Array, prev?: Float32Array): OracleOut {
   const [N, K] = w.shape as [number, number];
   const bs = w.blocksize!;
   const nb = K / bs;
-  const y = new Float64Array(M * N);
-  const mag = new Float64Array(M * N);
+  const out: OracleOut = { y: new Float64Array(M * N), mag: new Float64Array(M * N) };
   for (let m = 0; m < M; m++) {
     for (let n = 0; n < N; n++) {
       let s = 0;
@@ -87,30 +86,15 @@ function oracleInt8(qx: QuantX, M: number, w: WeightTensor, bias?: Float32Array,
         s += dot * sc;
         a += adot * Math.abs(sc);
       }
-      if (bias) {
-        s += bias[n]!;
-        a += Math.abs(bias[n]!);
-      }
-      if (prev) {
-        s += prev[m * N + n]!;
-        a += Math.abs(prev[m * N + n]!);
-      }
-      y[m * N + n] = s;
-      mag[m * N + n] = a;
+      storeForwardOutput(out, m * N + n, n, s, a, bias, prev);
     }
   }
-  return { y, mag };
+  return out;
 }
 
 /** float32 rounding of nb block terms summed in any order (+ conversion, two products, lane sums). */
 const relFor = (nb: number) => (nb + 16) * 2 ** -23;
 
-function assertNear(got: Float32Array, want: Float64Array, mag: Float64Array, rel: number, what: string): void {
-  for (let i = 0; i < want.length; i++) {
-    const err = Math.abs(got[i]! - want[i]!);
-    if (!(err <= rel * mag[i]! + 1e-30)) assert.fail(`${what}: at ${i}: ${got[i]} vs ${want[i]} (bound ${rel * mag[i]!})`);
-  }
-}
 
 /** x with a different scale in every weight block (per-block activation scales matter), one zero block. */
 function blockScaledX(M: number, K: number, bs: number, seed: number): Float32Array {
@@ -154,13 +138,13 @@ test("linearInt8: every SIMD level = float64 oracle of the int8 math; bias, accu
       const tag = `M=${M} N=${N} K=${K} bs=${bs} ${level}`;
       const r = withLevel(level, () => linearInt8(x, M, w, bias));
       assert.equal(r.int8, true, `${tag}: int8 path`);
-      assertNear(r.y, plain.y, plain.mag, rel, tag);
+      assertWithinBound(r.y, plain, rel, tag);
       // the comparison can fail: a scale off by one step in 127 (amax/128 for amax/127) is caught
       const off = r.y.map((v, i) => (bias ? (v - bias[i % N]!) * (127 / 128) + bias[i % N]! : v * (127 / 128)));
-      assert.throws(() => assertNear(off, plain.y, plain.mag, rel, tag), /bound/, `${tag}: a 127/128 scale error passes`);
+      assert.throws(() => assertWithinBound(off, plain, rel, tag), /bound/, `${tag}: a 127/128 scale error passes`);
       const out = prev.slice();
       withLevel(level, () => linearInt8(x, M, w, bias, out, true));
-      assertNear(out, acc.y, acc.mag, rel, `${tag} accumulate`);
+      assertWithinBound(out, acc, rel, `${tag} accumulate`);
     }
   }
 });

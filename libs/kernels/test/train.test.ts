@@ -15,32 +15,12 @@ import { existsSync, readFileSync } from "node:fs";
 import { FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
 import { NativeModel, decodeWeight, quantizeNf4, trainOps } from "../src/index.js";
 import type { EngineConfig, LoraState, TrainBatchInput, WeightTensor } from "../src/index.js";
+import { assertGradClose, bf16Tensor, erf, f32Tensor, nf4Tensor, rand, readSafetensors, storiesDir } from "./helpers.js";
 import { rng } from "./random.js";
 
 // ---- helpers ----------------------------------------------------------------------------------
-const rand = (n: number, r: () => number, lo = -1, hi = 1) => Float32Array.from({ length: n }, () => lo + (hi - lo) * r());
-const f32Tensor = (a: Float32Array, shape: number[]): WeightTensor => ({ dtype: "f32", shape, data: new Uint8Array(a.buffer, a.byteOffset, a.byteLength) });
-function bf16Tensor(a: Float32Array, shape: number[]): WeightTensor {
-  const u = new Uint16Array(a.length), bits = new Uint32Array(a.buffer, a.byteOffset, a.length);
-  for (let i = 0; i < a.length; i++) u[i] = bits[i]! >>> 16;
-  return { dtype: "bf16", shape, data: new Uint8Array(u.buffer) };
-}
-function nf4Tensor(a: Float32Array, shape: number[]): WeightTensor {
-  const q = quantizeNf4(a, "f32", a.length, 32);
-  return { dtype: "nf4", shape, data: q.packed, absmax: q.absmax, blocksize: 32 };
-}
 function assertGrad(a: ArrayLike<number>, b: ArrayLike<number>, what: string, rtol = 1e-3, atol = 1e-7): void {
-  assert.equal(a.length, b.length, `${what}: lengths`);
-  let scale = 0, err = 0, at = 0;
-  for (let i = 0; i < b.length; i++) scale = Math.max(scale, Math.abs(b[i]!));
-  for (let i = 0; i < a.length; i++) {
-    const d = Math.abs(a[i]! - b[i]!);
-    if (!(d <= err)) {
-      err = d;
-      at = i;
-    }
-  }
-  assert.ok(err <= rtol * scale + atol, `${what}: max |diff| ${err} at ${at} (${a[at]} vs ${b[at]}), scale ${scale}`);
+  assertGradClose(a, b, what, rtol, atol);
 }
 const relClose = (a: number, b: number, tol: number, what: string) =>
   assert.ok(Math.abs(a - b) <= tol * Math.max(1, Math.abs(b)), `${what}: ${a} vs ${b}`);
@@ -208,18 +188,6 @@ interface RefLora {
   a: Map<string, number[]>; // node ids [r·in]
   b: Map<string, number[]>; // node ids [out·r]
   masks: Map<string, Float32Array> | null; // drop(x) multipliers [N·in]
-}
-
-function erf(x: number): number {
-  if (Math.abs(x) > 5) return Math.sign(x);
-  let term = x, sum = x;
-  for (let n = 1; n < 200; n++) {
-    term *= (-x * x) / n;
-    const t = term / (2 * n + 1);
-    sum += t;
-    if (Math.abs(t) < 1e-17 * Math.abs(sum)) break;
-  }
-  return (2 / Math.sqrt(Math.PI)) * sum;
 }
 
 /**
@@ -768,20 +736,6 @@ test("training API errors: bad arguments, unknown slot, replaced adapter, dispos
 });
 
 // ---- the real checkpoint: fine-tuning lowers the loss ------------------------------------------
-const storiesDir = "/work/shared/models/stories260K";
-
-function readSafetensors(path: string): Map<string, { dtype: string; shape: number[]; data: Uint8Array }> {
-  const buf = readFileSync(path);
-  const n = Number(buf.readBigUInt64LE(0));
-  const header = JSON.parse(buf.subarray(8, 8 + n).toString("utf8")) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
-  const out = new Map<string, { dtype: string; shape: number[]; data: Uint8Array }>();
-  for (const [name, e] of Object.entries(header)) {
-    if (name === "__metadata__") continue;
-    out.set(name, { dtype: e.dtype, shape: e.shape, data: new Uint8Array(buf.subarray(8 + n + e.data_offsets[0], 8 + n + e.data_offsets[1])) });
-  }
-  return out;
-}
-
 /** Greedy longest-match over the SentencePiece vocabulary (▁ for spaces): real pieces, if not the canonical BPE split. */
 function roughTokenize(text: string, vocab: Record<string, number>): number[] {
   const s = "▁" + text.replace(/ /g, "▁");

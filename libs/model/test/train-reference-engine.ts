@@ -20,6 +20,7 @@ import { expectedWeights, parseModelConfig, type ModelConfig } from "@qlora/form
 import { Xoshiro128 } from "../src/data/index.js";
 import type { TrainOptions } from "../src/train/index.js";
 import { storiesDir } from "./fixtures.js";
+import { storyText } from "./test-support.js";
 import { loadTokenizer, type ModelTokenizer } from "../src/tokenizer.js";
 
 interface ModuleSlot {
@@ -243,31 +244,8 @@ export async function loadTrainModel(dir: string, _quant: "nf4" | "none"): Promi
   return referenceModel(dir);
 }
 
-/** A short story in the style of the model's training data: new text to fine-tune on. */
-export const STORY = [
-  "Tom had a red kite. He took it to the hill on a windy day.",
-  "The kite went up and up. Tom laughed and ran with the string.",
-  "A bird flew next to the kite. The bird sang a happy song.",
-  "Then the wind stopped. The kite came down into a tall tree.",
-  "Tom was sad. His friend Sue came with a long stick.",
-  "Sue helped Tom get the kite out of the tree. Tom said thank you.",
-  "They flew the kite together until the sun went down.",
-  "At home, Tom told his mom about the bird and the tree.",
-  "The next morning it rained. Tom and Sue stayed inside and drew pictures.",
-  "Sue drew a big green frog. Tom drew his red kite in the blue sky.",
-  "Mom put the pictures on the wall. She said they were very good.",
-  "After lunch the rain stopped and a rainbow came out over the hill.",
-  "Tom and Sue ran outside. The grass was wet and the air smelled sweet.",
-  "They found a small puppy under a bush. The puppy was cold and scared.",
-  "Sue held the puppy close. Tom gave it some of his bread.",
-  "The puppy wagged its tail and licked Tom on the nose.",
-  "They looked for the puppy's home. A little girl was crying by the gate.",
-  "The puppy ran to the girl. She hugged it and smiled at Tom and Sue.",
-  "The girl's name was Mia. She asked them to come and play tomorrow.",
-  "That night Tom dreamed of kites, rainbows and a happy little puppy.",
-  "In the morning he flew his kite again, and this time it did not fall.",
-  "Sue and Mia came too, and the puppy barked at the kite all day long.",
-].join("\n");
+/** The whole shared story (test-support.ts): new text to fine-tune on. */
+export const STORY = storyText();
 
 /** A temp dir with the story as story.txt; options for a small run on stories260K. */
 export function setup(extra: Partial<TrainOptions> = {}): TrainOptions {

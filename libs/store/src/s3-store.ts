@@ -24,7 +24,7 @@
  */
 import { createHash, randomBytes } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { mkdir, open, readdir, readFile, rename, rm, stat, type FileHandle } from "node:fs/promises";
+import { mkdir, open, readdir, rename, rm, stat, type FileHandle } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { Readable, Transform, pipeline } from "node:stream";
 import {
@@ -46,7 +46,7 @@ import {
 import { AlreadyExists, FailedPrecondition, fsyncDir, fsyncFile, InvalidArgument, NotFound, pathExists, QloraError } from "@qlora/core";
 import { ARTIFACT_KINDS, resolveUnder, validateKind, validateName, validateRelativePath, type ArtifactKind } from "./names.js";
 import { listFiles, MANIFEST_FILE, parseManifest, type Manifest, type ManifestFile, type VerifyResult } from "./manifest.js";
-import { writeStagedFile, type ArtifactStat, type ArtifactStore, type ArtifactWriter, type FileData, type WriteOptions } from "./store.js";
+import { StagingWriter, type ArtifactStat, type ArtifactStore, type ArtifactWriter, type WriteOptions } from "./store.js";
 
 const MiB = 1024 * 1024;
 /** S3's limits: parts of at least 5 MiB (except the last), at most 10,000 parts per upload. */
@@ -1027,26 +1027,15 @@ function verifyingStream(body: Readable, f: ManifestFile, kind: ArtifactKind, na
   return t;
 }
 
-class S3Writer implements ArtifactWriter {
-  private state: "open" | "committing" | "committed" | "aborted" = "open";
-
+class S3Writer extends StagingWriter {
   constructor(
     private readonly store: S3Store,
-    readonly kind: ArtifactKind,
-    readonly name: string,
-    readonly dir: string,
+    kind: ArtifactKind,
+    name: string,
+    dir: string,
     private readonly overwrite: boolean,
-  ) {}
-
-  private requireOpen(): void {
-    if (this.state !== "open") throw new FailedPrecondition(`write of ${this.kind} ${JSON.stringify(this.name)} is already ${this.state}`);
-  }
-
-  async writeFile(path: string, data: FileData): Promise<ManifestFile> {
-    this.requireOpen();
-    const rel = validateRelativePath(path);
-    if (rel === MANIFEST_FILE) throw new InvalidArgument(`${MANIFEST_FILE} is written by commit()`);
-    return { path: rel, ...(await writeStagedFile(resolveUnder(this.dir, ...rel.split("/")), data, { sync: false })) };
+  ) {
+    super(kind, name, dir, false);
   }
 
   async commit(opts: { meta?: Record<string, string> } = {}): Promise<Manifest> {
@@ -1056,15 +1045,7 @@ class S3Writer implements ArtifactWriter {
     let uploaded = false;
     let published = false;
     try {
-      let meta: Record<string, string> = {};
-      const own = join(this.dir, MANIFEST_FILE);
-      if (await pathExists(own)) {
-        try {
-          meta = parseManifest(await readFile(own, "utf8"), own).meta;
-        } catch (e) {
-          if (!(e instanceof InvalidArgument)) throw e;
-        }
-      }
+      const meta = await this.stagedMeta();
       const paths = await listFiles(this.dir);
       for (const p of paths) checkManifestPath(p, this.kind, this.name);
       const files: ManifestFile[] = new Array(paths.length);
@@ -1097,12 +1078,5 @@ class S3Writer implements ArtifactWriter {
       this.state = "open";
       throw e;
     }
-  }
-
-  async abort(): Promise<void> {
-    if (this.state === "committed") return;
-    if (this.state === "committing") throw new FailedPrecondition(`write of ${this.kind} ${JSON.stringify(this.name)} is being committed`);
-    this.state = "aborted";
-    await rm(this.dir, { recursive: true, force: true });
   }
 }

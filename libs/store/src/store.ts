@@ -277,19 +277,25 @@ export class LocalStore implements ArtifactStore {
   }
 }
 
-class LocalWriter implements ArtifactWriter {
-  private state: "open" | "committed" | "aborted" = "open";
+/**
+ * What both stores' writers share: the staging directory the tools write into, the file writes
+ * into it, the open → committed / aborted states, and the user metadata of a manifest a tool wrote
+ * there itself. `syncFiles`: fsync each file as it is written (the local store publishes the staged
+ * files themselves; the S3 store only uploads them, so a crash just loses the staging directory).
+ */
+export abstract class StagingWriter implements ArtifactWriter {
+  protected state: "open" | "committing" | "committed" | "aborted" = "open";
 
   constructor(
-    private readonly root: string,
     readonly kind: ArtifactKind,
     readonly name: string,
     readonly dir: string,
-    private readonly target: string,
-    private readonly overwrite: boolean,
+    private readonly syncFiles: boolean,
   ) {}
 
-  private requireOpen(): void {
+  abstract commit(opts?: { meta?: Record<string, string> }): Promise<Manifest>;
+
+  protected requireOpen(): void {
     if (this.state !== "open") throw new FailedPrecondition(`write of ${this.kind} ${JSON.stringify(this.name)} is already ${this.state}`);
   }
 
@@ -297,18 +303,42 @@ class LocalWriter implements ArtifactWriter {
     this.requireOpen();
     const rel = validateRelativePath(path);
     if (rel === MANIFEST_FILE) throw new InvalidArgument(`${MANIFEST_FILE} is written by commit()`);
-    return { path: rel, ...(await writeStagedFile(resolveUnder(this.dir, ...rel.split("/")), data, { sync: true })) };
+    return { path: rel, ...(await writeStagedFile(resolveUnder(this.dir, ...rel.split("/")), data, { sync: this.syncFiles })) };
+  }
+
+  /** The `meta` of a manifest.json a tool wrote into the staging directory; {} when there is none or it is unreadable. */
+  protected async stagedMeta(): Promise<Record<string, string>> {
+    try {
+      return (await readManifestFile(this.dir)).meta;
+    } catch (e) {
+      if (e instanceof NotFound || e instanceof InvalidArgument) return {};
+      throw e;
+    }
+  }
+
+  async abort(): Promise<void> {
+    if (this.state === "committed") return;
+    if (this.state === "committing") throw new FailedPrecondition(`write of ${this.kind} ${JSON.stringify(this.name)} is being committed`);
+    this.state = "aborted";
+    await rm(this.dir, { recursive: true, force: true });
+  }
+}
+
+class LocalWriter extends StagingWriter {
+  constructor(
+    private readonly root: string,
+    kind: ArtifactKind,
+    name: string,
+    dir: string,
+    private readonly target: string,
+    private readonly overwrite: boolean,
+  ) {
+    super(kind, name, dir, true);
   }
 
   async commit(opts: { meta?: Record<string, string> } = {}): Promise<Manifest> {
     this.requireOpen();
-    let meta: Record<string, string> = {};
-    try {
-      meta = (await readManifestFile(this.dir)).meta;
-    } catch (e) {
-      if (!(e instanceof NotFound) && !(e instanceof InvalidArgument)) throw e;
-    }
-    const m = await buildManifest(this.dir, { ...meta, ...(opts.meta ?? {}) });
+    const m = await buildManifest(this.dir, { ...(await this.stagedMeta()), ...(opts.meta ?? {}) });
     // Durability: every file the tools wrote into the staging directory, then the directories.
     for (const f of m.files) await fsyncFile(join(this.dir, ...f.path.split("/")));
     await writeManifest(this.dir, m);
@@ -335,11 +365,5 @@ class LocalWriter implements ArtifactWriter {
     await fsyncDir(dirname(this.target));
     if (aside) await rm(aside, { recursive: true, force: true });
     return m;
-  }
-
-  async abort(): Promise<void> {
-    if (this.state === "committed") return;
-    this.state = "aborted";
-    await rm(this.dir, { recursive: true, force: true });
   }
 }

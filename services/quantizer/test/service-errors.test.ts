@@ -8,6 +8,7 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import type * as grpc from "@grpc/grpc-js";
 import { health, QuantizeRequestSchema, QuantizerService, type ComputeDtype, type QuantizeResponse } from "@qlora/proto";
 import {
+  CANCELLABLE_LLAMA_CONFIG,
   collect,
   grpcJsClient,
   stagingEntries,
@@ -124,18 +125,7 @@ describe("QuantizerService errors", () => {
   test("CANCELLED: a client cancel stops the worker and leaves no output (grpc-js and connect)", async () => {
     // Big enough that quantizing takes far longer than a cancel takes to arrive.
     const w = await h.store.beginWrite("models", "big");
-    await writeFastCheckpoint(w.dir, {
-      architectures: ["LlamaForCausalLM"],
-      model_type: "llama",
-      hidden_size: 256,
-      intermediate_size: 1024,
-      num_hidden_layers: 8,
-      num_attention_heads: 4,
-      num_key_value_heads: 4,
-      vocab_size: 1024,
-      max_position_embeddings: 128,
-      tie_word_embeddings: true,
-    });
+    await writeFastCheckpoint(w.dir, CANCELLABLE_LLAMA_CONFIG);
     await w.commit();
 
     const client = grpcJsClient(QuantizerService, h.server.address);

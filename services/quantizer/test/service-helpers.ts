@@ -1,6 +1,6 @@
 /** Shared setup of the QuantizerService tests: a store, a server, clients, upload streams. */
 import { createHash } from "node:crypto";
-import { mkdtemp, readdir, readFile, writeFile } from "node:fs/promises";
+import { mkdtemp, readdir, readFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -10,9 +10,10 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import { QuantizerService, UploadModelRequestSchema, type UploadModelRequest } from "@qlora/proto";
 import { grpcServiceDefinition, startServer, type RunningServer } from "@qlora/rpc";
-import { canonicalToHf, expectedWeights, numel, parseModelConfig, ShardedSafetensorsWriter, type PyJsonValue } from "@qlora/formats";
 import { LocalStore } from "@qlora/store";
 import { quantizerService, type QuantizerServiceOptions } from "../src/index.js";
+
+export { CANCELLABLE_LLAMA_CONFIG, writeFastCheckpoint } from "./test-support.js";
 
 /** ../shared/models/stories260K relative to the repository root (this file is dist/test/…). */
 export const STORIES = path.resolve(fileURLToPath(new URL("../../../../../shared/models/stories260K", import.meta.url)));
@@ -85,28 +86,4 @@ export async function grpcServerStream<T>(client: GenericClient, method: string,
 
 export async function stagingEntries(dataDir: string): Promise<string[]> {
   return readdir(path.join(dataDir, ".staging")).catch(() => []);
-}
-
-/**
- * A Llama checkpoint of the given size filled with cheap pseudo-random values (the quantizer
- * does not care about the distribution), fast to generate where seeded normals would take
- * seconds: for tests that need a quantization that runs long enough to be cancelled.
- */
-export async function writeFastCheckpoint(dir: string, config: Record<string, PyJsonValue>): Promise<void> {
-  const cfg = parseModelConfig(config);
-  const plan = [...expectedWeights(cfg)]
-    .filter(([, e]) => e.required)
-    .map(([name, e]) => ({ name: canonicalToHf(name, cfg.family, "model."), dtype: "F32" as const, shape: e.shape }));
-  const w = await ShardedSafetensorsWriter.create(dir, plan, { maxShardSize: Number.MAX_SAFE_INTEGER });
-  let x = 12345;
-  for (const p of plan) {
-    const a = new Float32Array(numel(p.shape));
-    for (let i = 0; i < a.length; i++) {
-      x = (Math.imul(x, 1103515245) + 12345) | 0;
-      a[i] = ((x >>> 8) / (1 << 24) - 0.5) * 0.1;
-    }
-    await w.write(p.name, new Uint8Array(a.buffer));
-  }
-  await w.finish();
-  await writeFile(path.join(dir, "config.json"), JSON.stringify(config));
 }

@@ -32,6 +32,18 @@ import type {
   NewJob,
   TerminalState,
 } from "./job-store.js";
+import {
+  cancelsAtOnce,
+  checkpointFromRow,
+  CLAIM_ORDER,
+  claimableWhere,
+  claimMessage,
+  eventFromRow,
+  jobFromRow,
+  type CheckpointRow,
+  type EventRowColumns,
+  type JobRowColumns,
+} from "./job-rows.js";
 
 export interface PostgresJobStoreOptions {
   /** postgres://user:password@host:port/db (e.g. QLORA_DATABASE_URL); or pass `pool`. */
@@ -89,65 +101,19 @@ CREATE TABLE ${s}.job_checkpoints (
 );`,
 ];
 
-interface JobRow {
-  id: string;
-  state: JobStateName;
+/** A `jobs` row as pg returns it: the json and boolean columns decoded. */
+interface JobRow extends JobRowColumns {
   request: JsonObject;
-  created_at: number;
-  started_at: number | null;
-  finished_at: number | null;
-  error: string;
   metrics: MetricsRecord | null;
-  output_adapter: string;
-  device: string;
-  resumed_from_step: number;
-  attempts: number;
-  owner: string | null;
-  lease_expires_at: number | null;
   cancel_requested: boolean;
 }
 
-interface EventRow {
-  job_id: string;
-  seq: number;
-  time: number;
+interface EventRow extends EventRowColumns {
   data: JobEventData;
 }
 
-interface CheckpointRow {
-  job_id: string;
-  step: number;
-  name: string;
-  size_bytes: number;
-  created_at: number;
-}
-
 function toJob(r: JobRow): JobRecord {
-  return {
-    id: r.id,
-    state: r.state,
-    request: r.request,
-    createdAt: r.created_at,
-    startedAt: r.started_at,
-    finishedAt: r.finished_at,
-    error: r.error,
-    metrics: r.metrics,
-    outputAdapter: r.output_adapter,
-    device: r.device,
-    resumedFromStep: r.resumed_from_step,
-    attempts: r.attempts,
-    owner: r.owner,
-    leaseExpiresAt: r.lease_expires_at,
-    cancelRequested: r.cancel_requested,
-  };
-}
-
-function toEvent(r: EventRow): JobEvent {
-  return { ...r.data, jobId: r.job_id, seq: r.seq, time: r.time };
-}
-
-function toCheckpoint(r: CheckpointRow): CheckpointRecord {
-  return { jobId: r.job_id, step: r.step, name: r.name, sizeBytes: r.size_bytes, createdAt: r.created_at };
+  return jobFromRow(r, { request: r.request, metrics: r.metrics, cancelRequested: r.cancel_requested });
 }
 
 /** int8 (bigint: times, sizes) as a JS number; every value stored here is far below 2^53. */
@@ -333,14 +299,9 @@ export class PostgresJobStore implements JobStore {
 
   async claimNext(replicaId: string, leaseMs: number): Promise<Claim | undefined> {
     return this.tx(async (c, now) => {
-      // Expired leases first (they hold progress), then the queue in order. SKIP LOCKED: a row that
-      // another replica is claiming right now is passed over instead of waited for.
+      // SKIP LOCKED: a row that another replica is claiming right now is passed over instead of waited for.
       const pick = await c.query<{ id: string; state: JobStateName; owner: string | null }>(
-        `SELECT id, state, owner FROM ${this.s}.jobs
-          WHERE state = 'queued' OR (state = 'running' AND lease_expires_at < $1)
-          ORDER BY CASE state WHEN 'running' THEN 0 ELSE 1 END, created_at, id
-          LIMIT 1
-          FOR UPDATE SKIP LOCKED`,
+        `SELECT id, state, owner FROM ${this.s}.jobs WHERE ${claimableWhere("$1")} ${CLAIM_ORDER} LIMIT 1 FOR UPDATE SKIP LOCKED`,
         [now],
       );
       const r = pick.rows[0];
@@ -353,13 +314,7 @@ export class PostgresJobStore implements JobStore {
         [replicaId, now + leaseMs, now, r.id],
       );
       const job = toJob(rows[0]!);
-      const message = !takenOver
-        ? job.attempts > 1
-          ? `running on ${replicaId} (attempt ${job.attempts})`
-          : `running on ${replicaId}`
-        : r.owner === replicaId
-          ? `running again on ${replicaId} after it restarted (attempt ${job.attempts})`
-          : `taken over by ${replicaId} (attempt ${job.attempts}) after its previous runner stopped responding`;
+      const message = claimMessage(replicaId, job.attempts, takenOver, r.owner);
       const event = await this.appendEvent(c, r.id, { kind: "state", state: "running", message }, now);
       return { job, event, takenOver };
     });
@@ -415,7 +370,7 @@ export class PostgresJobStore implements JobStore {
 
   async listCheckpoints(id: string): Promise<CheckpointRecord[]> {
     const { rows } = await this.q<CheckpointRow>(`SELECT * FROM ${this.s}.job_checkpoints WHERE job_id = $1 ORDER BY step`, [id]);
-    return rows.map(toCheckpoint);
+    return rows.map(checkpointFromRow);
   }
 
   async finish(
@@ -453,8 +408,7 @@ export class PostgresJobStore implements JobStore {
       if (!r) return undefined;
       let outcome: CancelOutcome;
       let event: JobEvent | undefined;
-      // Queued, or running under an owner whose lease ran out (nobody would see the request).
-      if (r.state === "queued" || (r.state === "running" && (r.lease_expires_at ?? 0) < now)) {
+      if (cancelsAtOnce(r.state, r.lease_expires_at, now)) {
         await c.query(
           `UPDATE ${this.s}.jobs SET state = 'cancelled', finished_at = $1, owner = NULL, lease_expires_at = NULL, cancel_requested = true WHERE id = $2`,
           [now, id],
@@ -479,7 +433,7 @@ export class PostgresJobStore implements JobStore {
 
   async listEvents(id: string, afterSeq: number, limit = 1000): Promise<JobEvent[]> {
     const { rows } = await this.q<EventRow>(`SELECT * FROM ${this.s}.job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3`, [id, afterSeq, limit]);
-    return rows.map(toEvent);
+    return rows.map((r) => eventFromRow(r, r.data));
   }
 
   async close(): Promise<void> {

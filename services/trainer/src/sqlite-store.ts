@@ -25,6 +25,18 @@ import type {
   NewJob,
   TerminalState,
 } from "./job-store.js";
+import {
+  cancelsAtOnce,
+  checkpointFromRow,
+  CLAIM_ORDER,
+  claimableWhere,
+  claimMessage,
+  eventFromRow,
+  jobFromRow,
+  type CheckpointRow,
+  type EventRowColumns,
+  type JobRowColumns,
+} from "./job-rows.js";
 
 export interface SqliteJobStoreOptions {
   /** Clock in ms (tests move it to expire leases). Default Date.now. */
@@ -70,65 +82,27 @@ CREATE TABLE IF NOT EXISTS job_checkpoints (
 ) WITHOUT ROWID;
 `;
 
-interface JobRow {
-  id: string;
-  state: JobStateName;
+/** A `jobs` row as better-sqlite3 returns it: JSON as text, the flag as 0/1. */
+interface JobRow extends JobRowColumns {
   request: string;
-  created_at: number;
-  started_at: number | null;
-  finished_at: number | null;
-  error: string;
   metrics: string | null;
-  output_adapter: string;
-  device: string;
-  resumed_from_step: number;
-  attempts: number;
-  owner: string | null;
-  lease_expires_at: number | null;
   cancel_requested: number;
 }
 
-interface EventRow {
-  job_id: string;
-  seq: number;
-  time: number;
+interface EventRow extends EventRowColumns {
   data: string;
 }
 
-interface CheckpointRow {
-  job_id: string;
-  step: number;
-  name: string;
-  size_bytes: number;
-  created_at: number;
-}
-
 function toJob(r: JobRow): JobRecord {
-  return {
-    id: r.id,
-    state: r.state,
+  return jobFromRow(r, {
     request: JSON.parse(r.request) as JsonObject,
-    createdAt: r.created_at,
-    startedAt: r.started_at,
-    finishedAt: r.finished_at,
-    error: r.error,
     metrics: r.metrics ? (JSON.parse(r.metrics) as MetricsRecord) : null,
-    outputAdapter: r.output_adapter,
-    device: r.device,
-    resumedFromStep: r.resumed_from_step,
-    attempts: r.attempts,
-    owner: r.owner,
-    leaseExpiresAt: r.lease_expires_at,
     cancelRequested: r.cancel_requested !== 0,
-  };
+  });
 }
 
 function toEvent(r: EventRow): JobEvent {
-  return { ...(JSON.parse(r.data) as JobEventData), jobId: r.job_id, seq: r.seq, time: r.time };
-}
-
-function toCheckpoint(r: CheckpointRow): CheckpointRecord {
-  return { jobId: r.job_id, step: r.step, name: r.name, sizeBytes: r.size_bytes, createdAt: r.created_at };
+  return eventFromRow(r, JSON.parse(r.data) as JobEventData);
 }
 
 export class SqliteJobStore implements JobStore {
@@ -203,10 +177,7 @@ export class SqliteJobStore implements JobStore {
     return this.db
       .transaction((): Claim | undefined => {
         const r = this.one(
-          `SELECT * FROM jobs
-            WHERE state = 'queued' OR (state = 'running' AND lease_expires_at < ?)
-            ORDER BY CASE state WHEN 'running' THEN 0 ELSE 1 END, created_at, id
-            LIMIT 1`,
+          `SELECT * FROM jobs WHERE ${claimableWhere("?")} ${CLAIM_ORDER} LIMIT 1`,
           now,
         );
         if (!r) return undefined;
@@ -219,13 +190,7 @@ export class SqliteJobStore implements JobStore {
           )
           .run(replicaId, now + leaseMs, now, r.id);
         const job = toJob(this.one("SELECT * FROM jobs WHERE id = ?", r.id)!);
-        const message = !takenOver
-          ? job.attempts > 1
-            ? `running on ${replicaId} (attempt ${job.attempts})`
-            : `running on ${replicaId}`
-          : r.owner === replicaId
-            ? `running again on ${replicaId} after it restarted (attempt ${job.attempts})`
-            : `taken over by ${replicaId} (attempt ${job.attempts}) after its previous runner stopped responding`;
+        const message = claimMessage(replicaId, job.attempts, takenOver, r.owner);
         const event = this.appendEventTx(r.id, { kind: "state", state: "running", message }, now);
         return { job, event, takenOver };
       })
@@ -279,7 +244,7 @@ export class SqliteJobStore implements JobStore {
   }
 
   async listCheckpoints(id: string): Promise<CheckpointRecord[]> {
-    return (this.db.prepare("SELECT * FROM job_checkpoints WHERE job_id = ? ORDER BY step").all(id) as CheckpointRow[]).map(toCheckpoint);
+    return (this.db.prepare("SELECT * FROM job_checkpoints WHERE job_id = ? ORDER BY step").all(id) as CheckpointRow[]).map(checkpointFromRow);
   }
 
   async finish(
@@ -323,8 +288,7 @@ export class SqliteJobStore implements JobStore {
         if (!r) return undefined;
         let outcome: CancelOutcome;
         let event: JobEvent | undefined;
-        // Queued, or running under an owner whose lease ran out (nobody will see the request).
-        if (r.state === "queued" || (r.state === "running" && (r.lease_expires_at ?? 0) < now)) {
+        if (cancelsAtOnce(r.state, r.lease_expires_at, now)) {
           this.db
             .prepare("UPDATE jobs SET state = 'cancelled', finished_at = ?, owner = NULL, lease_expires_at = NULL, cancel_requested = 1 WHERE id = ?")
             .run(now, id);

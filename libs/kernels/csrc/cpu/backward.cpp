@@ -88,20 +88,7 @@ void layerNormBackward(const float* dy, const float* x, const float* w, float* d
 // =============================================================================================
 void ropeBackward(float* dx, int64_t T, int nHeads, int headDim, const int32_t* pos, const float* cosT,
                   const float* sinT) {
-  const int half = headDim / 2;
-  const int64_t width = static_cast<int64_t>(nHeads) * headDim;
-  parallelRows(T, width, [&](int64_t t) {
-    const float* c = cosT + static_cast<int64_t>(pos[t]) * half;
-    const float* s = sinT + static_cast<int64_t>(pos[t]) * half;
-    for (int h = 0; h < nHeads; ++h) {
-      float* d = dx + t * width + static_cast<int64_t>(h) * headDim;
-      for (int j = 0; j < half; ++j) {
-        const float d1 = d[j], d2 = d[j + half];
-        d[j] = d1 * c[j] + d2 * s[j];
-        d[j + half] = d2 * c[j] - d1 * s[j];
-      }
-    }
-  });
+  ropeRotate(dx, T, nHeads, headDim, pos, cosT, sinT, true);
 }
 
 // =============================================================================================

@@ -69,8 +69,7 @@ template <FloatType T>
 QK_AVX2 void convertAvx2(const uint8_t* d, int64_t start, int64_t len, float* out) {
   int64_t k = 0;
   for (; k + 8 <= len; k += 8) _mm256_storeu_ps(out + k, load8<T>(d, start + k));
-  for (; k < len; ++k)
-    out[k] = T == FloatType::F16 ? halfToFloat(loadU16(d + 2 * (start + k))) : bf16ToFloat(loadU16(d + 2 * (start + k)));
+  for (; k < len; ++k) out[k] = elemAt<T>(d, start + k);
 }
 
 void decodeSimd(const WeightView& w, int64_t start, int64_t len, float* out) {
@@ -329,10 +328,7 @@ QK_AVX2 void rowDotDenseAvx2(const uint8_t* d, int64_t start, int64_t K, const f
     for (int u = 1; u < A; ++u) s = _mm256_add_ps(s, acc[m][u]);
     float t = hsum8(s);
     for (int64_t kk = k; kk < K; ++kk) {
-      float wk = T == FloatType::F32   ? loadF32(d + 4 * (start + kk))
-                 : T == FloatType::F16 ? halfToFloat(loadU16(d + 2 * (start + kk)))
-                                       : bf16ToFloat(loadU16(d + 2 * (start + kk)));
-      t += wk * x[m * ldx + kk];
+      t += elemAt<T>(d, start + kk) * x[m * ldx + kk];
     }
     res[m] = t;
   }
@@ -390,10 +386,7 @@ QK_AVX512 void rowDotDenseAvx512(const uint8_t* d, int64_t start, int64_t K, con
     for (int u = 1; u < A; ++u) s = _mm512_add_ps(s, acc[m][u]);
     float t = hsum16(s);
     for (int64_t kk = k; kk < K; ++kk) {
-      float wk = T == FloatType::F32   ? loadF32(d + 4 * (start + kk))
-                 : T == FloatType::F16 ? halfToFloat(loadU16(d + 2 * (start + kk)))
-                                       : bf16ToFloat(loadU16(d + 2 * (start + kk)));
-      t += wk * x[m * ldx + kk];
+      t += elemAt<T>(d, start + kk) * x[m * ldx + kk];
     }
     res[m] = t;
   }

@@ -34,12 +34,6 @@ void checkBlocksize(int64_t bs) {
     throw std::invalid_argument("NF4 blocksize must be a power of two in 32..4096, got " + std::to_string(bs));
 }
 
-template <FloatType T>
-inline float elemAt(const uint8_t* src, int64_t i) {
-  if constexpr (T == FloatType::F32) return loadF32(src + 4 * i);
-  else if constexpr (T == FloatType::F16) return halfToFloat(loadU16(src + 2 * i));
-  else return bf16ToFloat(loadU16(src + 2 * i));
-}
 constexpr int64_t elemBytes(FloatType t) { return t == FloatType::F32 ? 4 : 2; }
 
 // ---------------------------------------------------------------------------------------------
@@ -74,6 +68,24 @@ void quantBlockScalar(const uint8_t* src, int64_t i0, int64_t len, uint8_t* pack
   float m = absmaxScalar<T>(src, i0, 0, len, 0.0f);
   *absmax = m;
   quantTailScalar<T>(src, i0, 0, len, blockScale(m), packed);
+}
+
+// The SIMD levels' driver over blocks [b0, b1): chunks of ~8K elements, all absmax of a chunk first,
+// then all codes (the chunk is still in L1/L2). Separating the passes takes the per-block max-reduce
+// -> divide -> scale chain off the critical path (worth ~1.5x at blocksize 64). The block kernels
+// are template arguments (direct calls). The driver itself has no target attribute, so GCC will not
+// inline a level's block kernels into it; the level wrappers (quantRangeAvx2 / quantRangeAvx512) are
+// `flatten`, which inlines the driver and everything it calls into the target-attributed body.
+template <float (*BlockAbsmax)(const uint8_t*, int64_t, int64_t),
+          void (*BlockCodes)(const uint8_t*, int64_t, int64_t, float, uint8_t*)>
+inline void quantRangeTwoPass(const uint8_t* src, int64_t n, int bs, int64_t b0, int64_t b1, uint8_t* packed,
+                              float* absmax) {
+  const int64_t per = std::max<int64_t>(1, 8192 / bs);
+  for (int64_t c0 = b0; c0 < b1; c0 += per) {
+    const int64_t c1 = std::min(b1, c0 + per);
+    for (int64_t b = c0; b < c1; ++b) absmax[b] = BlockAbsmax(src, b * bs, std::min<int64_t>(bs, n - b * bs));
+    for (int64_t b = c0; b < c1; ++b) BlockCodes(src, b * bs, std::min<int64_t>(bs, n - b * bs), blockScale(absmax[b]), packed);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,19 +168,10 @@ QK_AVX2 inline void codesBlockAvx2(const uint8_t* src, int64_t i0, int64_t len, 
   quantTailScalar<T>(src, i0, simdLen, len, inv, packed);
 }
 
-// Blocks [b0, b1) in chunks of ~8K elements: all absmax of a chunk first, then all codes (the chunk is
-// still in L1/L2). Separating the passes takes the per-block max-reduce -> divide -> scale chain off
-// the critical path (worth ~1.5x at blocksize 64).
 template <FloatType T>
-QK_AVX2 void quantRangeAvx2(const uint8_t* src, int64_t n, int bs, int64_t b0, int64_t b1, uint8_t* packed,
-                            float* absmax) {
-  const int64_t per = std::max<int64_t>(1, 8192 / bs);
-  for (int64_t c0 = b0; c0 < b1; c0 += per) {
-    const int64_t c1 = std::min(b1, c0 + per);
-    for (int64_t b = c0; b < c1; ++b) absmax[b] = absmaxBlockAvx2<T>(src, b * bs, std::min<int64_t>(bs, n - b * bs));
-    for (int64_t b = c0; b < c1; ++b)
-      codesBlockAvx2<T>(src, b * bs, std::min<int64_t>(bs, n - b * bs), blockScale(absmax[b]), packed);
-  }
+QK_AVX2 QK_FLATTEN void quantRangeAvx2(const uint8_t* src, int64_t n, int bs, int64_t b0, int64_t b1,
+                                       uint8_t* packed, float* absmax) {
+  quantRangeTwoPass<absmaxBlockAvx2<T>, codesBlockAvx2<T>>(src, n, bs, b0, b1, packed, absmax);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,16 +235,9 @@ QK_AVX512 inline void codesBlockAvx512(const uint8_t* src, int64_t i0, int64_t l
 }
 
 template <FloatType T>
-QK_AVX512 void quantRangeAvx512(const uint8_t* src, int64_t n, int bs, int64_t b0, int64_t b1, uint8_t* packed,
-                                float* absmax) {
-  const int64_t per = std::max<int64_t>(1, 8192 / bs);
-  for (int64_t c0 = b0; c0 < b1; c0 += per) {
-    const int64_t c1 = std::min(b1, c0 + per);
-    for (int64_t b = c0; b < c1; ++b)
-      absmax[b] = absmaxBlockAvx512<T>(src, b * bs, std::min<int64_t>(bs, n - b * bs));
-    for (int64_t b = c0; b < c1; ++b)
-      codesBlockAvx512<T>(src, b * bs, std::min<int64_t>(bs, n - b * bs), blockScale(absmax[b]), packed);
-  }
+QK_AVX512 QK_FLATTEN void quantRangeAvx512(const uint8_t* src, int64_t n, int bs, int64_t b0, int64_t b1,
+                                           uint8_t* packed, float* absmax) {
+  quantRangeTwoPass<absmaxBlockAvx512<T>, codesBlockAvx512<T>>(src, n, bs, b0, b1, packed, absmax);
 }
 
 template <FloatType T>
@@ -369,27 +365,31 @@ void nf4DequantizeRange(const uint8_t* packed, const float* absmax, int blocksiz
   if (len > 0) dequantFn()(packed, absmax, blocksize, start, len, out);
 }
 
+namespace {
+// Runs span(i0, i1) over [0, n) in parallel, every span starting on a multiple of 64 elements, so
+// each starts on a whole byte of the packed codes.
+template <typename Span>
+void parallelDequantSpans(int64_t n, Span&& span) {
+  const int64_t chunks = (n + 63) / 64;
+  parallelFor(chunks, 512, [&](int64_t c0, int64_t c1, int) { span(c0 * 64, std::min(n, c1 * 64)); });
+}
+}  // namespace
+
 void nf4Dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out) {
   checkBlocksize(blocksize);
   if (n <= 0) return;
   DequantFn fn = dequantFn();
-  // chunks of 64 elements keep every chunk start even (whole bytes)
-  const int64_t chunks = (n + 63) / 64;
-  parallelFor(chunks, 512, [&](int64_t c0, int64_t c1, int) {
-    const int64_t i0 = c0 * 64, i1 = std::min(n, c1 * 64);
-    fn(packed, absmax, blocksize, i0, i1 - i0, out + i0);
-  });
+  parallelDequantSpans(n, [&](int64_t i0, int64_t i1) { fn(packed, absmax, blocksize, i0, i1 - i0, out + i0); });
 }
 
 void nf4DequantizeBf16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, uint16_t* out) {
   checkBlocksize(blocksize);
   if (n <= 0) return;
   DequantFn fn = dequantFn();
-  const int64_t chunks = (n + 63) / 64;
-  parallelFor(chunks, 512, [&](int64_t c0, int64_t c1, int) {
+  parallelDequantSpans(n, [&](int64_t i0, int64_t i1) {
     // decode through a small L1-resident float buffer, then round to bf16
     alignas(64) float tmp[2048];
-    for (int64_t i = c0 * 64, i1 = std::min(n, c1 * 64); i < i1; i += 2048) {
+    for (int64_t i = i0; i < i1; i += 2048) {
       const int64_t len = std::min<int64_t>(2048, i1 - i);
       fn(packed, absmax, blocksize, i, len, tmp);
       toBf16(tmp, len, out + i);

@@ -15,9 +15,21 @@
 
 #define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+// On a level's entry point that calls a generic (untargeted) template driver: inlines the driver and
+// its callees, the level's kernels included, into the target-attributed body.
+#define QK_FLATTEN __attribute__((flatten))
 
 namespace qk {
 namespace nf4detail {
+
+// Element i of a raw f32 / f16 / bf16 buffer (any alignment) as a float: plain scalar code, used by
+// the scalar references and by the SIMD kernels' tails alike.
+template <FloatType T>
+inline float elemAt(const uint8_t* src, int64_t i) {
+  if constexpr (T == FloatType::F32) return loadF32(src + 4 * i);
+  else if constexpr (T == FloatType::F16) return halfToFloat(loadU16(src + 2 * i));
+  else return bf16ToFloat(loadU16(src + 2 * i));
+}
 
 // 8 / 16 consecutive elements of a raw f32 / f16 / bf16 buffer (element index i, any alignment) as floats.
 template <FloatType T>

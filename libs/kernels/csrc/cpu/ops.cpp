@@ -137,21 +137,29 @@ QK_AVX2 inline float hmax256(__m256 v) {
   lo = _mm_max_ss(lo, _mm_movehdup_ps(lo));
   return _mm_cvtss_f32(lo);
 }
-// exp(x) for fp32 lanes: Cephes-style range reduction x = n·ln2 + r, degree-6 polynomial in r,
-// 2^n built in the exponent bits. ~2 ulp; exp(x < -88.37) = 0.
+// exp(x) for fp32 lanes: Cephes-style range reduction x = n·ln2 + r (ln2 split in a high part exact
+// in few bits and a low correction), degree-6 polynomial in r, 2^n built in the exponent bits. ~2 ulp;
+// exp(x < -88.37) = 0. One set of constants for the AVX2 and AVX-512 forms.
+namespace expc {
+constexpr float kClamp = 88.3762626647949f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500E-4f, kP1 = 1.3981999507E-3f, kP2 = 8.3334519073E-3f, kP3 = 4.1665795894E-2f,
+                kP4 = 1.6666665459E-1f, kP5 = 5.0000001201E-1f;
+}  // namespace expc
+
 QK_AVX2 inline __m256 exp256(__m256 x) {
-  const __m256 hiC = _mm256_set1_ps(88.3762626647949f), loC = _mm256_set1_ps(-88.3762626647949f);
-  x = _mm256_max_ps(_mm256_min_ps(x, hiC), loC);
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(expc::kClamp)), _mm256_set1_ps(-expc::kClamp));
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(expc::kLog2e), _mm256_set1_ps(0.5f));
   fx = _mm256_floor_ps(fx);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(expc::kLn2Hi), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(expc::kLn2Lo), r);
+  __m256 y = _mm256_set1_ps(expc::kP0);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(expc::kP1));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(expc::kP2));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(expc::kP3));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(expc::kP4));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(expc::kP5));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
   return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
@@ -285,18 +293,19 @@ QK_AVX2 void reluMulAvx2(const float* g, const float* u, float* y, int64_t n) {
 // =========================================================================================
 // AVX-512 (only the kernels where the wider vectors are cheap to write)
 // =========================================================================================
+// exp256's algorithm and constants (expc) on 16 lanes.
 QK_AVX512 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
-  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(expc::kClamp)), _mm512_set1_ps(-expc::kClamp));
+  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(expc::kLog2e), _mm512_set1_ps(0.5f));
   fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(expc::kLn2Hi), x);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(expc::kLn2Lo), r);
+  __m512 y = _mm512_set1_ps(expc::kP0);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(expc::kP1));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(expc::kP2));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(expc::kP3));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(expc::kP4));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(expc::kP5));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   __m512i n = _mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127));
   return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(n, 23)));
@@ -464,8 +473,13 @@ void ropeTables(const float* invFreq, int half, int64_t positions, float* cosT, 
     }
 }
 
-void ropeForward(float* x, int64_t T, int nHeads, int headDim, const int32_t* pos, const float* cosT,
-                 const float* sinT) {
+namespace {
+// Rotates each pair (x[j], x[j+hd/2]) of every head by +θ, or by −θ when Inverse (the sine's sign
+// flipped: exactly the products and sums of d1·c + d2·s, d2·c − d1·s, so both directions stay
+// bit-identical to the CUDA kernels, elementwise.cu).
+template <bool Inverse>
+void ropeRotatePairs(float* x, int64_t T, int nHeads, int headDim, const int32_t* pos, const float* cosT,
+                     const float* sinT) {
   const int half = headDim / 2;
   const int64_t width = static_cast<int64_t>(nHeads) * headDim;
   parallelRows(T, width, [&](int64_t t) {
@@ -474,12 +488,27 @@ void ropeForward(float* x, int64_t T, int nHeads, int headDim, const int32_t* po
     for (int h = 0; h < nHeads; ++h) {
       float* v = x + t * width + static_cast<int64_t>(h) * headDim;
       for (int j = 0; j < half; ++j) {
-        float x1 = v[j], x2 = v[j + half];
-        v[j] = x1 * c[j] - x2 * s[j];
-        v[j + half] = x2 * c[j] + x1 * s[j];
+        const float x1 = v[j], x2 = v[j + half];
+        const float sj = Inverse ? -s[j] : s[j];
+        v[j] = x1 * c[j] - x2 * sj;
+        v[j + half] = x2 * c[j] + x1 * sj;
       }
     }
   });
+}
+}  // namespace
+
+void ropeRotate(float* x, int64_t T, int nHeads, int headDim, const int32_t* pos, const float* cosT, const float* sinT,
+                bool inverse) {
+  if (inverse)
+    ropeRotatePairs<true>(x, T, nHeads, headDim, pos, cosT, sinT);
+  else
+    ropeRotatePairs<false>(x, T, nHeads, headDim, pos, cosT, sinT);
+}
+
+void ropeForward(float* x, int64_t T, int nHeads, int headDim, const int32_t* pos, const float* cosT,
+                 const float* sinT) {
+  ropeRotate(x, T, nHeads, headDim, pos, cosT, sinT, false);
 }
 
 // ---- activations ------------------------------------------------------------------------------

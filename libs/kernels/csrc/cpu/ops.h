@@ -51,6 +51,10 @@ void ropeTables(const float* invFreq, int half, int64_t positions, float* cosT, 
 //   x1 = x[j], x2 = x[j+hd/2]:  x[j] = x1·c - x2·s;  x[j+hd/2] = x2·c + x1·s
 void ropeForward(float* x, int64_t T, int nHeads, int headDim, const int32_t* pos, const float* cosT,
                  const float* sinT);
+// The rotation both directions use: by +θ (ropeForward), or by −θ when `inverse` (backward.h
+// ropeBackward, the transpose).
+void ropeRotate(float* x, int64_t T, int nHeads, int headDim, const int32_t* pos, const float* cosT, const float* sinT,
+                bool inverse);
 
 // ---- activations ----------------------------------------------------------------------
 enum class Activation { Silu = 0, Relu = 1, Gelu = 2 };  // gelu: exact erf form (HF "gelu")

@@ -6,6 +6,7 @@
 #pragma once
 #include <napi.h>
 
+#include <cmath>
 #include <cstdint>
 #include <new>
 #include <string>
@@ -68,6 +69,23 @@ inline double num(const Napi::Object& o, const char* key, const std::string& wha
   Napi::Value v = o.Get(key);
   if (!v.IsNumber()) bad(what + "." + key + " must be a number");
   return v.As<Napi::Number>().DoubleValue();
+}
+
+// v as an integer of type Int: a number without a fraction whose magnitude fits — int32 for the
+// engine's sizes and indices, 2^53 - 1 (what a JS number holds exactly) for int64 counters.
+template <typename Int>
+Int integerArg(const Napi::Value& v, const std::string& what) {
+  static_assert(sizeof(Int) == 4 || sizeof(Int) == 8, "int32 or int64");
+  constexpr double limit = sizeof(Int) == 4 ? 2147483647.0 : 9007199254740991.0;
+  if (!v.IsNumber()) bad(what + " must be a number");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (d != std::floor(d) || std::fabs(d) > limit) bad(what + " must be an integer");
+  return static_cast<Int>(d);
+}
+// o[key] as an integer of type Int (integerArg), named "<what>.<key>" in errors.
+template <typename Int>
+Int integerOf(const Napi::Object& o, const char* key, const std::string& what) {
+  return integerArg<Int>(o.Get(key), what + "." + key);
 }
 
 }  // namespace qk::napi::coded

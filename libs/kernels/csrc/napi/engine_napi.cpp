@@ -27,6 +27,8 @@ using qk::engine::EngineError;
 using qk::napi::coded::f32;
 using qk::napi::coded::fail;
 using qk::napi::coded::i32;
+using qk::napi::coded::integerArg;
+using qk::napi::coded::integerOf;
 using qk::napi::coded::num;
 using qk::napi::coded::Typed;
 using qk::napi::coded::typed;
@@ -37,22 +39,14 @@ Napi::Value guarded(const Napi::CallbackInfo& info, F&& f) {
 }
 
 // ---- argument helpers (the shared ones: napi/coded_args.h) ------------------------------------
-int intOf(const Napi::Object& o, const char* key, const std::string& what) {
-  double d = num(o, key, what);
-  if (d != std::floor(d) || std::fabs(d) > 2147483647.0) fail("INVALID_ARGUMENT", what + "." + key + " must be an integer");
-  return static_cast<int>(d);
-}
 bool boolOf(const Napi::Object& o, const char* key, bool dflt) {
   Napi::Value v = o.Get(key);
   if (v.IsUndefined() || v.IsNull()) return dflt;
   return v.ToBoolean().Value();
 }
-int intArg(const Napi::Value& v, const std::string& what) {
-  if (!v.IsNumber()) fail("INVALID_ARGUMENT", what + " must be a number");
-  double d = v.As<Napi::Number>().DoubleValue();
-  if (d != std::floor(d) || std::fabs(d) > 2147483647.0) fail("INVALID_ARGUMENT", what + " must be an integer");
-  return static_cast<int>(d);
-}
+// The engine's sizes, counts and indices are int32.
+int intArg(const Napi::Value& v, const std::string& what) { return integerArg<int>(v, what); }
+int intOf(const Napi::Object& o, const char* key, const std::string& what) { return integerOf<int>(o, key, what); }
 
 qk::TableType dtypeOf(const std::string& s, const std::string& what) {
   if (s == "f32") return qk::TableType::F32;
