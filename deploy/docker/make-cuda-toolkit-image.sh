@@ -15,9 +15,16 @@
 set -euo pipefail
 DOCKER=${DOCKER:-$( [ -x /usr/bin/docker ] && echo /usr/bin/docker || echo docker )}
 if [ -z "${CUDA_HOME:-}" ]; then
-  nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-  [ -x "$nvcc" ] || { echo "make-cuda-toolkit-image: no nvcc (set CUDA_HOME)" >&2; exit 2; }
-  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
+  # The build's order (libs/kernels/scripts/cuda-config.mjs findNvcc): /usr/local/cuda, then PATH.
+  nvcc=/usr/local/cuda/bin/nvcc
+  [ -x "$nvcc" ] || nvcc=$(command -v nvcc) || { echo "make-cuda-toolkit-image: no nvcc (set CUDA_HOME)" >&2; exit 2; }
+  # nvcc may be a wrapper script (exec …/cuda-X/bin/nvcc): a dry run says where the real one lives.
+  probe=$(mktemp -d)
+  echo '__global__ void probe() {}' >"$probe/probe.cu"
+  here=$("$nvcc" -dryrun -c "$probe/probe.cu" -o "$probe/probe.o" 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n 1)
+  rm -rf "$probe"
+  [ -n "$here" ] || { echo "make-cuda-toolkit-image: $nvcc -dryrun did not name its directory (set CUDA_HOME)" >&2; exit 2; }
+  CUDA_HOME=$(cd "$here/.." && pwd -P)
 fi
 [ -x "$CUDA_HOME/bin/nvcc" ] || { echo "make-cuda-toolkit-image: $CUDA_HOME/bin/nvcc not found" >&2; exit 2; }
 version=$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p')
