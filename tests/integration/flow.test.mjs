@@ -23,22 +23,15 @@ import {
   STORIES,
   waitForJob,
 } from "./support.mjs";
+import { STORY_LINES } from "@qlora/model/test-support";
 
 const PREFIX = "flow";
 const SCHEMA = "it_flow";
 // Each test file has its own key prefix in the bucket and its own PostgreSQL schema.
 const ENV = { QLORA_S3_PREFIX: PREFIX, QLORA_DATABASE_SCHEMA: SCHEMA };
 
-const STORY = [
-  "Tom had a red kite. He took it to the hill on a windy day.",
-  "The kite went up and up. Tom laughed and ran with the string.",
-  "A bird flew next to the kite. The bird sang a happy song.",
-  "Then the wind stopped. The kite came down into a tall tree.",
-  "Tom was sad. His friend Sue came with a long stick.",
-  "Sue helped Tom get the kite out of the tree. Tom said thank you.",
-  "They flew the kite together until the sun went down.",
-  "At home, Tom told his mom about the bird and the tree.",
-];
+// The fine-tuning story of the unit tests (libs/model/test/test-support.ts), its first 8 lines.
+const STORY = STORY_LINES.slice(0, 8);
 // One configuration for both jobs, so the interrupted one must end with the same adapter.
 const TRAINING = { maxSteps: 240, saveSteps: 40, saveTotalLimit: 1, loggingSteps: 20, blockSize: 32, learningRate: 2e-3 };
 const LORA = { rank: 8, alpha: 16, targetModules: ["all-linear"] };
