@@ -192,6 +192,10 @@ void kvCacheWrite(const float* k, const float* v, const int64_t* kvOffset, const
                   int64_t kvDim, float* kCache, float* vCache, Stream stream = nullptr);
 // dst[r, :] = src[idx[r], :] for r < R, rows of `cols` floats (idx: device).
 void gatherRows(const float* src, const int32_t* idx, int64_t R, int64_t cols, float* dst, Stream stream = nullptr);
+// dst[idx[r], :] = src[r, :] for r < R (the inverse of gatherRows; idx distinct; other rows untouched).
+void scatterRows(const float* src, const int32_t* idx, int64_t R, int64_t cols, float* dst, Stream stream = nullptr);
+// y[i] += x[i] (qk::addInto: one fp32 add).
+void addInPlace(float* y, const float* x, int64_t n, Stream stream = nullptr);
 // x[i] *= s (the OPT query scaling; one fp32 multiply as qk::scale).
 void scaleInPlace(float* x, float s, int64_t n, Stream stream = nullptr);
 
