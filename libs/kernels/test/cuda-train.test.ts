@@ -48,6 +48,13 @@ function cosine(a: Float32Array, b: Float32Array): number {
   for (let i = 0; i < a.length; i++) s += a[i]! * b[i]!;
   return s / (norm(a) * norm(b));
 }
+/** A, B and both moments of every module, bit for bit. */
+function assertSameState(got: LoraState, want: LoraState, what: string): void {
+  assert.deepEqual(Object.keys(got.modules).sort(), Object.keys(want.modules).sort(), `${what}: modules`);
+  for (const [name, m] of Object.entries(want.modules)) {
+    for (const k of ["a", "b", "ma", "va", "mb", "vb"] as const) assert.deepEqual(got.modules[name]![k], m[k], `${what}: ${name}.${k}`);
+  }
+}
 const relDiff = (got: number, want: number) => Math.abs(got - want) / Math.max(Math.abs(want), 1e-30);
 
 /**
@@ -221,14 +228,9 @@ gpuTest("CUDA trainer: getLoraState / setLoraState round trip; a resumed run = t
     gpu2.initLora(0, spec(targets, 0.1));
     gpu2.setLoraState(0, saved);
     const back = gpu2.getLoraState(0);
-    for (const [name, m] of Object.entries(saved.modules)) {
-      for (const k of ["a", "b", "ma", "va", "mb", "vb"] as const) assert.deepEqual(back.modules[name]![k], m[k], `${name}.${k} round trip`);
-    }
+    assertSameState(back, saved, "round trip");
     assert.equal(step(gpu2, 3), l3, "the resumed step's loss");
-    const end2 = gpu2.getLoraState(0);
-    for (const [name, m] of Object.entries(end.modules)) {
-      for (const k of ["a", "b", "ma", "va", "mb", "vb"] as const) assert.deepEqual(end2.modules[name]![k], m[k], `${name}.${k} after the resumed step`);
-    }
+    assertSameState(gpu2.getLoraState(0), end, "after the resumed step");
     assert.throws(() => gpu2.setLoraState(0, { ...saved, rank: 5 }), InvalidArgument);
   } finally {
     gpu.dispose();

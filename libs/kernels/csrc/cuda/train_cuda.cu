@@ -188,13 +188,7 @@ double CudaLoraTrainer::adamwStep(int slot, const AdamWOptions& o) {
   }
   const double norm = std::sqrt(sq);
   const float clip = LoraTrainer::clipCoef(o, norm);
-  AdamWParams ap;
-  ap.lr = o.lr;
-  ap.beta1 = o.beta1;
-  ap.beta2 = o.beta2;
-  ap.eps = o.eps;
-  ap.weightDecay = o.weightDecay;
-  ap.step = o.step;
+  const AdamWParams ap = o.params();
   cuda::adamwUpdate(s.region(kParam), s.region(kGrad), s.region(kM), s.region(kV), static_cast<int64_t>(s.total), ap,
                     clip, m_->stream_);  // also zeroes the gradients
   cuda::synchronize(m_->stream_);
@@ -309,11 +303,7 @@ void CudaLoraTrainer::layerForward(const Ctx& c, int l, const float* xin, float*
   linFwd(c, l, LQ, ain, a.q, false, a.lu[LQ]);  // q [N, qDim]
   linFwd(c, l, LK, ain, a.k, false, a.lu[LK]);  // k [N, kvDim]
   linFwd(c, l, LV, ain, a.v, false, a.lu[LV]);  // v [N, kvDim]
-  AttentionShape as;
-  as.nHeads = cfg.heads;
-  as.nKvHeads = cfg.kvHeads;
-  as.headDim = cfg.headDim;
-  as.scale = llama ? 1.f / std::sqrt(static_cast<float>(hd)) : 1.f;
+  const AttentionShape as = LoraTrainer::attentionShape(cfg);
   if (llama) {
     cuda::ropeForward(a.q, N, cfg.heads, cfg.headDim, c.pos, cos_.as<float>(), sin_.as<float>(), st);
     cuda::ropeForward(a.k, N, cfg.kvHeads, cfg.headDim, c.pos, cos_.as<float>(), sin_.as<float>(), st);
@@ -389,11 +379,7 @@ void CudaLoraTrainer::layerBackward(const Ctx& c, int l, const float* xin, const
   float* dK = scratch(dK_, static_cast<size_t>(N * kvDim));
   float* dV = scratch(dV_, static_cast<size_t>(N * kvDim));
   linBwd(c, l, LO, a.att, a.lu[LO], dX, dAtt, false, true);
-  AttentionShape as;
-  as.nHeads = cfg.heads;
-  as.nKvHeads = cfg.kvHeads;
-  as.headDim = cfg.headDim;
-  as.scale = llama ? 1.f / std::sqrt(static_cast<float>(hd)) : 1.f;
+  const AttentionShape as = LoraTrainer::attentionShape(cfg);
   cuda::attentionTrainBackward(as, c.B, c.T, c.start, a.q, a.k, a.v, a.att, a.lse, dAtt, dQ, dK, dV, ws_, st);
   if (llama) {
     cuda::ropeBackward(dQ, N, cfg.heads, cfg.headDim, c.pos, cos_.as<float>(), sin_.as<float>(), st);

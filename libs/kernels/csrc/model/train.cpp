@@ -208,13 +208,7 @@ double LoraTrainer::adamwStep(int slot, const AdamWOptions& o) {
   }
   const double norm = std::sqrt(sq);
   const float clip = clipCoef(o, norm);
-  AdamWParams ap;
-  ap.lr = o.lr;
-  ap.beta1 = o.beta1;
-  ap.beta2 = o.beta2;
-  ap.eps = o.eps;
-  ap.weightDecay = o.weightDecay;
-  ap.step = o.step;
+  const AdamWParams ap = o.params();
   for (LoraParam& p : s.mods) {
     adamwUpdate(p.a.data(), p.ga.data(), p.ma.data(), p.va.data(), static_cast<int64_t>(p.a.size()), ap, clip);
     adamwUpdate(p.b.data(), p.gb.data(), p.mb.data(), p.vb.data(), static_cast<int64_t>(p.b.size()), ap, clip);
@@ -271,6 +265,15 @@ void LoraTrainer::validate(const TrainBatch& b, Ctx& c) {
   c.pos = plan_.pos.data();
   c.start = plan_.start.data();
   c.count = static_cast<int64_t>(plan_.rows.size());
+}
+
+AttentionShape LoraTrainer::attentionShape(const ModelConfig& cfg) {
+  AttentionShape as;
+  as.nHeads = cfg.heads;
+  as.nKvHeads = cfg.kvHeads;
+  as.headDim = cfg.headDim;
+  as.scale = cfg.arch == Arch::Llama ? 1.f / std::sqrt(static_cast<float>(cfg.headDim)) : 1.f;
+  return as;
 }
 
 void LoraTrainer::ropeTablesFor(const ModelConfig& cfg, int64_t cap, std::vector<float>* cosT,
@@ -387,11 +390,7 @@ void LoraTrainer::layerForward(const Ctx& c, int l, const float* xin, float* xou
   linFwd(c, l, LQ, ain, a.q, false, a.lu[LQ]);  // q [N, qDim]
   linFwd(c, l, LK, ain, a.k, false, a.lu[LK]);  // k [N, kvDim]
   linFwd(c, l, LV, ain, a.v, false, a.lu[LV]);  // v [N, kvDim]
-  AttentionShape as;
-  as.nHeads = cfg.heads;
-  as.nKvHeads = cfg.kvHeads;
-  as.headDim = cfg.headDim;
-  as.scale = llama ? 1.f / std::sqrt(static_cast<float>(hd)) : 1.f;
+  const AttentionShape as = LoraTrainer::attentionShape(cfg);
   if (llama) {
     ropeForward(a.q, N, cfg.heads, cfg.headDim, c.pos, cos_.data(), sin_.data());
     ropeForward(a.k, N, cfg.kvHeads, cfg.headDim, c.pos, cos_.data(), sin_.data());
@@ -464,11 +463,7 @@ void LoraTrainer::layerBackward(const Ctx& c, int l, const float* xin, const Act
   float* dK = grow(dK_, static_cast<size_t>(N * kvDim));
   float* dV = grow(dV_, static_cast<size_t>(N * kvDim));
   linBwd(c, l, LO, a.att, a.lu[LO], dX, dAtt, false, true);
-  AttentionShape as;
-  as.nHeads = cfg.heads;
-  as.nKvHeads = cfg.kvHeads;
-  as.headDim = cfg.headDim;
-  as.scale = llama ? 1.f / std::sqrt(static_cast<float>(hd)) : 1.f;
+  const AttentionShape as = LoraTrainer::attentionShape(cfg);
   attentionTrainBackward(as, c.B, c.T, c.start, a.q, a.k, a.v, a.att, a.lse, dAtt, dQ, dK, dV);
   if (llama) {
     ropeBackward(dQ, N, cfg.heads, cfg.headDim, c.pos, cos_.data(), sin_.data());

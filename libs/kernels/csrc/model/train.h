@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/adamw.h"
 #include "cpu/backward.h"
 #include "model/model.h"
 
@@ -59,6 +60,17 @@ struct TrainOptions {
 struct AdamWOptions {
   double lr = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weightDecay = 0, maxGradNorm = 0;
   int64_t step = 1;
+  // The update's parameters (cpu/adamw.h; clipping is applied separately).
+  AdamWParams params() const {
+    AdamWParams p;
+    p.lr = lr;
+    p.beta1 = beta1;
+    p.beta2 = beta2;
+    p.eps = eps;
+    p.weightDecay = weightDecay;
+    p.step = step;
+    return p;
+  }
 };
 
 struct LossResult {
@@ -109,6 +121,8 @@ struct LoraTrainer {
   // adamwStep's argument checks, and the clip factor of torch clip_grad_norm_ for the global norm.
   static void checkAdamW(const AdamWOptions& o);
   static float clipCoef(const AdamWOptions& o, double norm);
+  // The decoder's attention shape (Llama scales scores by hd^-½; OPT scales q after q_proj instead).
+  static AttentionShape attentionShape(const ModelConfig& cfg);
   // RoPE tables for positions [0, cap) (ropeInvFreq + ropeTables, as the inference engine).
   static void ropeTablesFor(const ModelConfig& cfg, int64_t cap, std::vector<float>* cosT, std::vector<float>* sinT);
 
