@@ -78,6 +78,10 @@ function compareWithCpu(cpu: NativeModel, gpu: NativeModel, targets: string[], b
   assert.ok(relDiff(lg.loss, lc.loss) < LOSS_TOL, `${what}: first-step loss cuda ${lg.loss} vs cpu ${lc.loss}`);
   const gc = gradsOf(cpu, 0), gg = gradsOf(gpu, 0);
   assert.ok(relDiff(gg.norm, gc.norm) < NORM_TOL, `${what}: global grad norm cuda ${gg.norm} vs cpu ${gc.norm}`);
+  // adamwStep's norm (one Σg² kernel per tensor, one download) = the norm of the gradients it returned
+  let sq = 0;
+  for (const { a: ga, b: gb } of gg.g.values()) sq += norm(ga) ** 2 + norm(gb) ** 2;
+  assert.ok(relDiff(gg.norm, Math.sqrt(sq)) < 1e-6, `${what}: adamwStep norm ${gg.norm} vs Σg² of the gradients ${Math.sqrt(sq)}`);
   for (const [name, c] of gc.g) {
     const g = gg.g.get(name)!;
     for (const [k, cv, gv] of [["dA", c.a, g.a], ["dB", c.b, g.b]] as const) {

@@ -229,6 +229,10 @@ void adamwUpdate(float* p, float* g, float* m, float* v, int64_t n, const AdamWP
                  Stream stream = nullptr);
 // Σ g² in float64: per 4096-element block on the device, block sums added on the host in order.
 double sumSquares(const float* g, int64_t n, Workspace& ws, Stream stream = nullptr);
+// out[t] = sumSquares(g[t], n[t]) for `count` tensors, with one download and one synchronisation in
+// all (the trainer's global gradient norm over every LoRA tensor).
+void sumSquaresMany(const float* const* g, const int64_t* n, int count, double* out, Workspace& ws,
+                    Stream stream = nullptr);
 
 // ---- sampling -----------------------------------------------------------------------------------
 // qk::sampleToken on device logits: the same order of operations and the same single draw from the

@@ -179,13 +179,21 @@ void CudaLoraTrainer::zeroGrad(int slot) {
 double CudaLoraTrainer::adamwStep(int slot, const AdamWOptions& o) {
   DevSlot& s = slotRef(slot);
   LoraTrainer::checkAdamW(o);
+  // every A and B gradient's Σg² with one synchronisation, then added in the CPU's order
   const float* G = s.region(kGrad);
-  double sq = 0.0;
+  const size_t nt = 2 * s.host.mods.size();
+  std::vector<const float*> ptr(nt);
+  std::vector<int64_t> len(nt);
+  std::vector<double> sums(nt);
   for (size_t i = 0; i < s.host.mods.size(); ++i) {
-    const LoraParam& p = s.host.mods[i];
-    sq += cuda::sumSquares(G + s.offA[i], static_cast<int64_t>(p.a.size()), ws_, m_->stream_);
-    sq += cuda::sumSquares(G + s.offB[i], static_cast<int64_t>(p.b.size()), ws_, m_->stream_);
+    ptr[2 * i] = G + s.offA[i];
+    len[2 * i] = static_cast<int64_t>(s.host.mods[i].a.size());
+    ptr[2 * i + 1] = G + s.offB[i];
+    len[2 * i + 1] = static_cast<int64_t>(s.host.mods[i].b.size());
   }
+  cuda::sumSquaresMany(ptr.data(), len.data(), static_cast<int>(nt), sums.data(), ws_, m_->stream_);
+  double sq = 0.0;
+  for (double x : sums) sq += x;
   const double norm = std::sqrt(sq);
   const float clip = LoraTrainer::clipCoef(o, norm);
   const AdamWParams ap = o.params();
