@@ -7,7 +7,9 @@
 // (decode over a 1024-token cache, training batch 8 × 512) at the Llama-3.2-1B head shape (32 q heads,
 // 8 kv heads, head_dim 64); and a decode-step floor from the GEMVs of every Llama-3.2-1B linear.
 // Then the engine itself (engine::CudaModel through NativeModel, docs/cuda.md §6) on the Llama-3.2-1B
-// shape: decode tok/s at batch 1 (CUDA graphs on and off) and batch 8, prefill tok/s.
+// shape: decode tok/s at batch 1 (CUDA graphs on and off) and batch 8, prefill tok/s; and the LoRA
+// training step (engine::CudaLoraTrainer, docs/cuda.md §7) at batch 8 × 512, r = 16 on all 7 linear
+// types, gradient checkpointing on: tokens/s and the fraction of the card's dense bf16 peak.
 //   --engine-only         skip the kernel rows
 //   --from-checkpoint     load the random BF16 checkpoint of bench/checkpoints.mjs through loadModel
 //                         (NF4 on load; ~2.5 GB written on first use) instead of random NF4 weights
@@ -193,6 +195,77 @@ async function engineRows() {
   const g = m.cudaGraphStats();
   console.log(`graphs captured ${g.captured}, replayed ${g.launches}`);
   for (const x of models) x.dispose();
+  trainRows(hf);
+}
+
+/**
+ * The real FLOPs of one LoRA training step (multiply-add = 2 FLOP), counted as the engine computes
+ * them (model/train.cpp, cuda/train_cuda.cu), for N = B·T tokens, M labelled rows, L layers:
+ *   frozen linears   forward 2·P·N, again for the recomputed layers with checkpointing
+ *                    (L−1 of L: the last layer's activations are still there) 2·P·N·(L−1)/L,
+ *                    input gradients 2·P·N minus layer 0's q/k/v (embeddings are frozen: not needed)
+ *                    — P = the linear weights of the decoder layers (a 6·P·N "training = 3 forwards"
+ *                    rule would overcount: no weight gradients for the frozen base)
+ *   lm_head          forward + input gradient over the labelled rows only: 2·2·V·H·M
+ *   attention        causal, per layer and head: QKᵀ and P·V over T(T+1)/2 pairs per row = 2 units
+ *                    forward (unit = 2·B·hd·T(T+1)/2 per head), backward 5 units (S recomputed from lse,
+ *                    dP = dO·Vᵀ, dQ, dK, dV), and the forward again for recomputed layers
+ *   LoRA (rank r)    per adapted linear (in → out): forward 2·N·r·(in + out) (u = x·Aᵀ, u·Bᵀ), backward
+ *                    2·N·r·2·(in + out) (du, dB, dA, dx), forward again when recomputed
+ * Norms, RoPE, activations, dropout and the optimizer are elementwise (not counted).
+ */
+function trainStepFlops(hf, B, T, r, checkpointing) {
+  const H = hf.hidden_size, I = hf.intermediate_size, V = hf.vocab_size, L = hf.num_hidden_layers, hd = hf.head_dim;
+  const q = hf.num_attention_heads * hd, kv = hf.num_key_value_heads * hd;
+  const N = B * T, M = B * (T - 1);
+  const lins = [[H, q], [H, kv], [H, kv], [q, H], [H, I], [H, I], [I, H]];  // [in, out]: q k v o gate up down
+  const P = lins.reduce((s, [i, o]) => s + i * o, 0);
+  const qkv = lins.slice(0, 3).reduce((s, [i, o]) => s + i * o, 0);
+  const rec = checkpointing ? (L - 1) / L : 0;  // recomputed fraction of the layers
+  const linear = 2 * P * N * L * (1 + rec) + 2 * (P * L - qkv) * N;
+  const head = 2 * 2 * V * H * M;
+  const unit = 2 * B * hd * ((T * (T + 1)) / 2) * hf.num_attention_heads;
+  const attention = L * unit * (2 * (1 + rec) + 5);
+  const loraPerLayer = lins.reduce((s, [i, o]) => s + 2 * N * r * (i + o), 0);
+  const lora = L * loraPerLayer * (1 + rec + 2);
+  return { total: linear + head + attention + lora, linear, head, attention, lora };
+}
+
+function trainRows(hf) {
+  const B = 8, T = 512, rank = 16;
+  const cfg = engineConfig(hf), weights = randomWeights(hf);
+  const m = new NativeModel(cfg, weights, { device: "cuda", maxSequences: 1, maxContext: T });
+  const V = hf.vocab_size;
+  const tokens = Int32Array.from({ length: B * T }, (_, i) => (i * 7919 + 17) % V);
+  const labels = new Int32Array(B * T).fill(-100);
+  for (let b = 0; b < B; b++) for (let t = 0; t + 1 < T; t++) labels[b * T + t] = tokens[b * T + t + 1];
+  const batch = { tokens, labels, batchSize: B, seqLen: T };
+  const names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+  const targets = [];
+  for (let l = 0; l < hf.num_hidden_layers; l++) for (const n of names) targets.push(`layers.${l}.${n}`);
+  m.initLora(0, { rank, alpha: 32, useRslora: false, dropout: 0.05, targets, seed: 1n });
+  // one optimizer step = forward + backward (synchronised at the end) + AdamW; wall clock, best of 3
+  // after a warm-up step (workspace allocation)
+  const step = (s) => {
+    const r = m.trainForwardBackward(0, batch, { dropoutSeed: BigInt(s), gradScale: 1, checkpointing: true });
+    m.adamwStep(0, { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, maxGradNorm: 1, step: s });
+    return r.loss;
+  };
+  const loss0 = step(1);
+  let best = Infinity, loss = loss0;
+  for (let s = 2; s <= 4; s++) {
+    const ts = performance.now();
+    loss = step(s);
+    best = Math.min(best, performance.now() - ts);
+  }
+  const f = trainStepFlops(hf, B, T, rank, true);
+  const tflops = f.total / (best / 1000) / 1e12;
+  const tps = (B * T * 1000) / best;
+  console.log(`train step: ${(f.total / 1e12).toFixed(2)} TFLOP (linears ${(f.linear / 1e12).toFixed(2)}, lm_head ${(f.head / 1e12).toFixed(2)}, ` +
+    `attention ${(f.attention / 1e12).toFixed(2)}, LoRA ${(f.lora / 1e12).toFixed(2)}), loss ${loss0.toFixed(3)} → ${loss.toFixed(3)}`);
+  row("engine LoRA train step 8x512 r=16 all-linear (1B, ckpt)", tps, "tok/s", `${best.toFixed(0)} ms/step; target >= 25000 tok/s (H100)`);
+  row("engine LoRA train step (1B) real FLOP/s", tflops, "TFLOP/s", peak ? `${((tflops / peak) * 100).toFixed(1)}% of the bf16 dense peak` : "");
+  m.dispose();
 }
 
 if (jsonFile) writeFileSync(jsonFile, JSON.stringify(out, null, 1));

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the CUDA layer (docs/cuda.md): build with nvcc, print cudaInfo, run the GPU
-# tests (every kernel against the CPU path; the CUDA engine against the CPU engine, incl. stories260K
-# when QLORA_STORIES_DIR or ../shared has it), run the GPU benchmarks (kernels, then the engine on the
-# Llama-3.2-1B shape), and print a short table last. Each step is bounded by `timeout`; without the
-# build step the run takes a few minutes (worst case 240 + 300 s).
+# tests (every kernel against the CPU path; the CUDA engine and the CUDA LoRA trainer against the CPU
+# ones, incl. stories260K when QLORA_STORIES_DIR or ../shared has it), run the GPU benchmarks (kernels,
+# then the engine and the training step on the Llama-3.2-1B shape), and print a short table last. Each
+# step is bounded by `timeout`; without the build step the run takes a few minutes (worst case 300 + 300 s).
 #   QLORA_GPU_CHECK_BUILD=0  use the addon and dist/ already built (e.g. built here with nvcc and
 #                            carried to the GPU machine) instead of building
 # Exit status: 0 all passed; 1 a build, test or benchmark step failed; 2 no CUDA device / no CUDA build.
@@ -30,15 +30,15 @@ node --input-type=module -e '
   if (!i.available) { console.log(`no CUDA device: ${i.reason}`); process.exit(2); }
 ' || fail "no usable CUDA device or CUDA build (see above)" 2
 
-step "GPU tests (libs/kernels/test/cuda.test.ts, cuda-engine.test.ts, libs/model/test/device.test.ts)"
-tests=(libs/kernels/dist/test/cuda.test.js libs/kernels/dist/test/cuda-engine.test.js)
+step "GPU tests (libs/kernels/test/cuda.test.ts, cuda-engine.test.ts, cuda-train.test.ts, libs/model/test/device.test.ts)"
+tests=(libs/kernels/dist/test/cuda.test.js libs/kernels/dist/test/cuda-engine.test.js libs/kernels/dist/test/cuda-train.test.js)
 [ -f libs/model/dist/test/device.test.js ] && tests+=(libs/model/dist/test/device.test.js)
-timeout 240 node --test --test-reporter=spec "${tests[@]}" 2>&1 | tee "$work/tests.log"
+timeout 300 node --test --test-reporter=spec "${tests[@]}" 2>&1 | tee "$work/tests.log"
 test_rc=${PIPESTATUS[0]}
 pass=$(sed -n 's/^ℹ pass //p' "$work/tests.log"); failn=$(sed -n 's/^ℹ fail //p' "$work/tests.log")
 skipped=$(sed -n 's/^ℹ skipped //p' "$work/tests.log")
 
-step "GPU benchmarks (bench/cuda.bench.mjs: kernels, then the engine)"
+step "GPU benchmarks (bench/cuda.bench.mjs: kernels, then the engine and the training step)"
 timeout 300 node bench/cuda.bench.mjs --require-device --json "$work/bench.json"
 bench_rc=$?
 

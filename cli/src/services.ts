@@ -4,7 +4,6 @@
  * implemented yet say why, so `--services trainer` fails with a clear message instead of an
  * unknown-name error.
  */
-import { FailedPrecondition } from "@qlora/core";
 import type { ServiceRegistration } from "@qlora/rpc";
 import type { ArtifactStore } from "@qlora/store";
 import type { JobStore } from "@qlora/trainer";
@@ -19,7 +18,7 @@ export interface ServeContext {
   openJobStore?: () => Promise<JobStore | undefined>;
   /** --device as resolved (inference loads its bases there); undefined: cpu. */
   device?: "cpu" | "cuda";
-  /** --device as asked: the trainer refuses "cuda" and trains on the CPU for auto / cpu. */
+  /** --device as asked (the services use the resolved `device`). */
   config?: { device: "auto" | "cpu" | "cuda" };
   /** --decode-matmul: the inference service's decode-step NF4 matmul (undefined: exact). */
   decodeMatmul?: "exact" | "int8" | undefined;
@@ -34,16 +33,19 @@ export type ServiceFactory = (ctx: ServeContext) => ServiceRegistration | Promis
 export const SERVICES: Record<string, ServiceFactory | { unavailable: string }> = {
   // Imported on demand: service packages load native code that other commands do not need.
   quantizer: async ({ store }) => (await import("@qlora/quantizer")).quantizerService(store),
-  trainer: async ({ store, dataDir, replicaId, openJobStore, adapterLimits, config }) => {
-    if (config?.device === "cuda") {
-      throw new FailedPrecondition(
-        "--device cuda: training on CUDA is not implemented yet; start the trainer with --device auto|cpu (e.g. --services quantizer,inference for a CUDA inference server)",
-      );
-    }
+  trainer: async ({ store, dataDir, replicaId, openJobStore, adapterLimits, device }) => {
+    // Jobs train on the server's resolved device (a job may still ask for DEVICE_CPU).
     const { trainerService } = await import("@qlora/trainer");
     const jobStore = await openJobStore?.();
     const maxLoraRank = adapterLimits?.maxRank;
-    return trainerService({ store, dataDir, ...(jobStore ? { jobStore } : {}), ...(replicaId ? { replicaId } : {}), ...(maxLoraRank ? { maxLoraRank } : {}) });
+    return trainerService({
+      store,
+      dataDir,
+      device: device ?? "cpu",
+      ...(jobStore ? { jobStore } : {}),
+      ...(replicaId ? { replicaId } : {}),
+      ...(maxLoraRank ? { maxLoraRank } : {}),
+    });
   },
   inference: async ({ store, device, adapterLimits, decodeMatmul, embeddings }) =>
     (await import("@qlora/inference")).inferenceService({

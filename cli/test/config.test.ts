@@ -407,8 +407,8 @@ describe("the Kubernetes manifests configure qlora serve", { skip: noKubectl }, 
           assert.equal(conf.store.forcePathStyle, true, what);
           assert.equal(conf.store.credentials, "env", what);
         }
-        // Every server runs --device auto: the GPU trainer too, until training on CUDA exists (it is
-        // refused at start with --device cuda; docs/deploy.md). auto takes the GPU where it is usable.
+        // Every server runs --device auto: the GPU trainer too (it trains on CUDA where a GPU is
+        // usable, else on the CPU; docs/deploy.md).
         assert.equal(conf.device, "auto", what);
         if (overlay.endsWith("gpu") && d.metadata.name === "trainer") {
           assert.equal(await resolveDevice(conf.device, async () => ({ built: false, devices: 0 })), "cpu");

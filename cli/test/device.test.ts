@@ -1,7 +1,8 @@
 /**
  * `--device auto|cpu|cuda` on generate / eval / train / serve (docs/cuda.md §6): the real entry
  * point spawned as a process. On a machine without a usable GPU "auto" resolves to cpu and "cuda" is
- * a FailedPrecondition (exit 1) naming the reason; training refuses "cuda" everywhere.
+ * a FailedPrecondition (exit 1) naming the reason — for training too (qlora train trains on the GPU
+ * with --device cuda, docs/cuda.md §7).
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -10,9 +11,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { FailedPrecondition } from "@qlora/core";
 import { cudaInfo } from "@qlora/kernels";
-import { SERVICES } from "../src/services.js";
 
 const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
 const main = join(repoRoot, "cli/dist/src/main.js");
@@ -61,15 +60,48 @@ test("qlora generate --device cuda without a GPU: exit 1 with the driver's reaso
   assert.equal(bad.code, 2, bad.stderr);
 });
 
-test("training refuses --device cuda: qlora train and the trainer service", async () => {
+test("qlora train --device cuda without a GPU: exit 1, FailedPrecondition naming the reason, before reading anything", async (t) => {
+  if (info.available) {
+    t.skip("a CUDA device is present");
+    return;
+  }
+  // --model / --data do not exist: the device is resolved first, so the error is about CUDA.
   const run = await qlora(["train", "--model", "m", "--data", "d.txt", "--out", "o", "--device", "cuda"]);
   assert.equal(run.code, 1, run.stderr);
-  assert.match(run.stderr, /training on CUDA is not implemented yet/);
-  const trainer = SERVICES.trainer;
-  assert.equal(typeof trainer, "function");
-  const factory = trainer as Extract<typeof trainer, Function>;
-  await assert.rejects(
-    async () => factory({ store: {} as never, dataDir: "/nonexistent", device: "cuda", config: { device: "cuda" } }),
-    (e: unknown) => e instanceof FailedPrecondition && /training on CUDA is not implemented yet/.test(e.message),
-  );
+  assert.match(run.stderr, /CUDA is not available/);
+  if (info.compiled) assert.ok(run.stderr.includes(info.reason), run.stderr);
+});
+
+/** One optimizer step of `qlora train --json` on stories260K; returns the start event. */
+async function trainOnce(device: string): Promise<{ device: string; events: Array<Record<string, unknown>> }> {
+  const dir = mkdtempSync(join(tmpdir(), "qlora-train-device-"));
+  try {
+    const data = join(dir, "story.txt");
+    writeFileSync(data, "Once upon a time there was a little cat. The cat liked to play in the sun.\n".repeat(4));
+    const run = await qlora([
+      "train", "--model", stories, "--data", data, "--out", join(dir, "out"), "--block-size", "16", "--max-steps", "2",
+      "--target", "all-linear", "--save-steps", "0", "--logging-steps", "1", "--device", device, "--json",
+    ]);
+    assert.equal(run.code, 0, run.stderr);
+    const events = run.stdout.trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
+    const start = events.find((e) => e.event === "start");
+    assert.ok(start, run.stdout);
+    assert.ok(existsSync(join(dir, "out", "adapter_model.safetensors")), "the adapter is written");
+    return { device: String(start.device), events };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test("qlora train --device auto trains where CUDA allows and the start event says where", { skip }, async () => {
+  assert.equal((await trainOnce("auto")).device, info.available ? "cuda" : "cpu");
+  assert.equal((await trainOnce("cpu")).device, "cpu");
+});
+
+test("qlora train --device cuda end to end on stories260K (GPU)", { skip: skip || (info.available ? false : `no CUDA device: ${info.reason}`) }, async () => {
+  const { device, events } = await trainOnce("cuda");
+  assert.equal(device, "cuda");
+  const logs = events.filter((e) => e.event === "log");
+  assert.equal(logs.length, 2);
+  for (const l of logs) assert.ok(Number.isFinite(l.loss as number) && (l.loss as number) > 0, JSON.stringify(l));
 });

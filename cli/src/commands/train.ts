@@ -1,5 +1,5 @@
 import path from "node:path";
-import { Cancelled, FailedPrecondition } from "@qlora/core";
+import { Cancelled } from "@qlora/core";
 import { train as runTraining, TRAIN_DEFAULTS, type TrainEvent, type TrainOptions } from "@qlora/model";
 import { defineCommand, UsageError, type Args, type Io } from "../command.js";
 import { formatDuration, writeJsonLine } from "../output.js";
@@ -147,16 +147,14 @@ export const train = defineCommand({
     "eval-steps": { type: "string", value: "N", description: "Evaluate every N steps", default: "--save-steps" },
     packing: { type: "boolean", description: "Pack short jsonl examples into blocks (no attention across them)" },
     quant: { type: "string", value: "nf4|none", description: "Base weights in NF4 or full precision", default: "nf4" },
-    device: { type: "string", value: "auto|cpu|cuda", description: "Training runs on the CPU (cuda: not implemented yet)", default: "auto" },
+    device: { type: "string", value: "auto|cpu|cuda", description: "Where training runs (auto: cuda when a GPU is usable)", default: "auto" },
     resume: { type: "boolean", description: "Continue from the newest checkpoint in --out" },
   },
   async run({ args, io, json, signal }) {
     const resolve = (p: string): string => path.resolve(io.cwd, p);
-    // LoRA training has no CUDA path yet: refuse "cuda" before anything is read, never fall back
-    // silently; auto resolves to the CPU (the start event reports the device).
-    if (args.choice("device", ["auto", "cpu", "cuda"] as const) === "cuda") {
-      throw new FailedPrecondition("--device cuda: training on CUDA is not implemented yet (use --device auto|cpu)");
-    }
+    // Resolved by the trainer before anything is read: cuda without a usable GPU is FailedPrecondition
+    // naming the reason (never a silent CPU fallback); the start event reports the device used.
+    const device = args.choice("device", ["auto", "cpu", "cuda"] as const) ?? "auto";
     const modelArg = args.requiredString("model");
     const options: TrainOptions = {
       model: resolve(modelArg),
@@ -167,6 +165,7 @@ export const train = defineCommand({
       checkpointOnCancel: true,
       resume: args.bool("resume"),
       packing: args.bool("packing"),
+      device,
     };
     const set = <K extends keyof TrainOptions>(key: K, v: TrainOptions[K] | undefined): void => {
       if (v !== undefined) options[key] = v;

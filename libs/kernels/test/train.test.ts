@@ -11,12 +11,13 @@
 // Gradients are read back exactly with an AdamW step of lr 0, β1 = β2 = 0 (then m = g).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
 import { FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
-import { NativeModel, decodeWeight, quantizeNf4, trainOps } from "../src/index.js";
+import { NativeModel, decodeWeight, trainOps } from "../src/index.js";
 import type { EngineConfig, LoraState, TrainBatchInput, WeightTensor } from "../src/index.js";
-import { assertGradClose, bf16Tensor, erf, f32Tensor, nf4Tensor, rand, readSafetensors, storiesDir } from "./helpers.js";
+import { assertGradClose, bf16Tensor, erf, f32Tensor, nf4Tensor, rand } from "./helpers.js";
 import { rng } from "./random.js";
+import { haveStories, storiesBatch, storiesNf4 } from "./stories.js";
+import { LLAMA_LINS, OPT_LINS, gradsOf, makeBatch } from "./train-fixtures.js";
 
 // ---- helpers ----------------------------------------------------------------------------------
 function assertGrad(a: ArrayLike<number>, b: ArrayLike<number>, what: string, rtol = 1e-3, atol = 1e-7): void {
@@ -26,8 +27,6 @@ const relClose = (a: number, b: number, tol: number, what: string) =>
   assert.ok(Math.abs(a - b) <= tol * Math.max(1, Math.abs(b)), `${what}: ${a} vs ${b}`);
 
 // ---- tiny random models -----------------------------------------------------------------------
-const LLAMA_LINS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
-const OPT_LINS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"];
 /** Module stream ids as the engine numbers them (layer·7 + q,k,v,o,gate,up,down; OPT fc1 = up, fc2 = down). */
 function streamOf(cfg: EngineConfig, name: string): number {
   const m = /^layers\.(\d+)\.(.+)$/.exec(name)!;
@@ -106,22 +105,6 @@ function tinyModel(kind: "llama" | "opt" | "opt-post", layers: number, seed: num
   return { cfg, tensors, vals, targets, dims };
 }
 
-/** Random tokens; labels = next token of the same segment (else -100), plus a few ignored positions. */
-function makeBatch(cfg: EngineConfig, B: number, T: number, seed: number, segments?: Int32Array): TrainBatchInput {
-  const r = rng(seed);
-  const tokens = Int32Array.from({ length: B * T }, () => Math.floor(r() * cfg.vocabSize));
-  const labels = new Int32Array(B * T).fill(-100);
-  for (let b = 0; b < B; b++)
-    for (let t = 0; t + 1 < T; t++) {
-      const i = b * T + t;
-      if (segments && segments[i + 1] !== segments[i]) continue;
-      if (r() < 0.15) continue;
-      labels[i] = tokens[i + 1]!;
-    }
-  const batch: TrainBatchInput = { tokens, labels, batchSize: B, seqLen: T };
-  if (segments) batch.segments = segments;
-  return batch;
-}
 
 /** A LoRA state with random A and B (B = 0 after init would make dA vanish) and zero moments. */
 function randomState(m: NativeModel, slot: number, seed: number): LoraState {
@@ -131,20 +114,6 @@ function randomState(m: NativeModel, slot: number, seed: number): LoraState {
     mod.b.set(rand(mod.b.length, r, -0.3, 0.3));
   }
   return s;
-}
-
-/** The slot's accumulated gradients, read exactly: AdamW with lr 0, β1 = β2 = 0 leaves m = g (and p unchanged). */
-function gradsOf(m: NativeModel, slot: number): { norm: number; g: Map<string, { a: Float32Array; b: Float32Array }> } {
-  const saved = m.getLoraState(slot);
-  const { gradNorm } = m.adamwStep(slot, { lr: 0, beta1: 0, beta2: 0, eps: 1, weightDecay: 0, maxGradNorm: 0, step: 1 });
-  const st = m.getLoraState(slot);
-  const g = new Map<string, { a: Float32Array; b: Float32Array }>();
-  for (const [name, mod] of Object.entries(st.modules)) {
-    assert.deepEqual(mod.a, saved.modules[name]!.a, "lr 0 keeps A");
-    g.set(name, { a: mod.ma, b: mod.mb });
-  }
-  m.setLoraState(slot, saved); // restore the moments (zeroes the gradients, already zero)
-  return { norm: gradNorm, g };
 }
 
 // ---- a tiny reverse-mode autodiff over float64 scalars ------------------------------------------
@@ -736,57 +705,9 @@ test("training API errors: bad arguments, unknown slot, replaced adapter, dispos
 });
 
 // ---- the real checkpoint: fine-tuning lowers the loss ------------------------------------------
-/** Greedy longest-match over the SentencePiece vocabulary (▁ for spaces): real pieces, if not the canonical BPE split. */
-function roughTokenize(text: string, vocab: Record<string, number>): number[] {
-  const s = "▁" + text.replace(/ /g, "▁");
-  const ids: number[] = [1]; // BOS
-  for (let i = 0; i < s.length; ) {
-    let len = Math.min(16, s.length - i);
-    while (len > 1 && vocab[s.slice(i, i + len)] === undefined) len--;
-    const id = vocab[s.slice(i, i + len)];
-    ids.push(id ?? vocab[`<0x${s.charCodeAt(i).toString(16).toUpperCase().padStart(2, "0")}>`] ?? 0);
-    i += len;
-  }
-  return ids;
-}
-
-test("stories260K (NF4 linears): 30 LoRA steps on a few lines of text drive the loss down", { skip: !existsSync(`${storiesDir}/model.safetensors`) }, () => {
-  const hf = JSON.parse(readFileSync(`${storiesDir}/config.json`, "utf8"));
-  const cfg: EngineConfig = {
-    arch: "llama", hiddenSize: hf.hidden_size, intermediateSize: hf.intermediate_size, numLayers: hf.num_hidden_layers,
-    numHeads: hf.num_attention_heads, numKvHeads: hf.num_key_value_heads, headDim: hf.head_dim, vocabSize: hf.vocab_size,
-    maxPositions: hf.max_position_embeddings, normEps: hf.rms_norm_eps, ropeTheta: hf.rope_theta, ropeScaling: null,
-    hiddenAct: hf.hidden_act, tiedEmbeddings: hf.tie_word_embeddings, qkvBias: false, oBias: false, mlpBias: false,
-  };
-  const weights: Record<string, WeightTensor> = {};
-  const targets: string[] = [];
-  for (const [name, t] of readSafetensors(`${storiesDir}/model.safetensors`)) {
-    const canon = name === "model.embed_tokens.weight" ? "embed_tokens" : name.replace(/^model\./, "");
-    const isLinear = /^layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$/.test(canon);
-    const f = new Float32Array(t.data.buffer, t.data.byteOffset, t.data.byteLength / 4);
-    if (isLinear) {
-      targets.push(canon.slice(0, -".weight".length));
-      const q = quantizeNf4(f, "f32", f.length, 64);
-      weights[canon] = { dtype: "nf4", shape: t.shape, data: q.packed, absmax: q.absmax, blocksize: 64 };
-    } else {
-      weights[canon] = { dtype: "f32", shape: t.shape, data: t.data };
-    }
-  }
-  const vocab = (JSON.parse(readFileSync(`${storiesDir}/tokenizer.json`, "utf8")) as { model: { vocab: Record<string, number> } }).model.vocab;
-  const lines = [
-    "Tom had a red kite. He took it to the hill on a windy day.",
-    "The kite went up and up. Tom laughed and ran with the string.",
-    "A bird flew next to the kite. The bird sang a happy song.",
-    "Then the wind stopped. The kite came down into a tall tree.",
-  ];
-  const T = 32;
-  const rows = lines.map((l) => roughTokenize(l, vocab).slice(0, T));
-  const tokens = new Int32Array(rows.length * T), labels = new Int32Array(rows.length * T).fill(-100);
-  rows.forEach((ids, b) => {
-    tokens.set(ids, b * T);
-    for (let t = 0; t + 1 < ids.length; t++) labels[b * T + t] = ids[t + 1]!;
-  });
-  const batch: TrainBatchInput = { tokens, labels, batchSize: rows.length, seqLen: T };
+test("stories260K (NF4 linears): 30 LoRA steps on a few lines of text drive the loss down", { skip: !haveStories }, () => {
+  const { cfg, weights, targets } = storiesNf4();
+  const batch = storiesBatch();
   const nm = new NativeModel(cfg, weights, { maxSequences: 1, maxContext: 64 });
   try {
     nm.initLora(0, { rank: 8, alpha: 16, useRslora: false, dropout: 0.05, targets, seed: 42n });

@@ -2,12 +2,15 @@
 // Always: option validation; "auto" resolves to what cudaInfo() allows; "cpu" works; "cuda" without a
 // device is FailedPrecondition carrying the driver's reason (never a silent CPU fallback).
 // With a GPU: the CUDA engine against the CPU engine on the real checkpoint, NF4 and f32 — greedy
-// generation gives the same tokens, last logits and the evaluation loss agree within the bounds below.
+// generation gives the same tokens, last logits and the evaluation loss agree within the bounds below;
+// LoRA training with device "cuda" follows the CPU's loss trajectory (docs/cuda.md §7).
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { FailedPrecondition, InvalidArgument } from "@qlora/core";
 import { cudaInfo } from "@qlora/kernels";
 import { evaluate, generate, loadModel, type LoadedModel, type LoadModelOptions } from "../src/index.js";
+import { train, type TrainEvent } from "../src/train/index.js";
+import { setup } from "./train-reference-engine.js";
 import { haveStories, skipNoStories, storiesDir, storiesReference, type StoriesReference } from "./fixtures.js";
 
 const info = cudaInfo();
@@ -126,10 +129,39 @@ for (const quant of ["nf4", "none"] as const) {
   });
 }
 
-test("stories260K on CUDA: LoRA training is refused with FailedPrecondition", { skip: skipGpu }, () => {
-  const gpu = models["cuda-nf4"]!;
-  assert.throws(
-    () => gpu.native.initLora(0, { targets: ["layers.0.self_attn.q_proj"], rank: 4, alpha: 8, useRslora: false, dropout: 0, seed: 1n }),
-    (e: unknown) => e instanceof FailedPrecondition && /training on CUDA is not implemented yet/.test(e.message),
-  );
+test("train(): device cuda without a GPU is FailedPrecondition naming the reason, before anything is read", async (t) => {
+  if (info.available) {
+    t.skip("a CUDA device is present");
+    return;
+  }
+  await assert.rejects(train({ model: "/nonexistent-model", data: "/nonexistent.txt", out: "/nonexistent-out", device: "cuda" }), (e: unknown) => {
+    assert.ok(e instanceof FailedPrecondition, String(e));
+    assert.match(e.message, /CUDA is not available/);
+    if (info.compiled) assert.ok(e.message.includes(info.reason), e.message);
+    return true;
+  });
+});
+
+// The whole training loop on the GPU (engine::CudaLoraTrainer) against the CPU on stories260K (NF4):
+// the same seed gives the same LoRA init, data order and dropout masks, so the logged losses follow
+// the same trajectory within the bf16 bound of the base GEMMs.
+test("stories260K: train() on CUDA follows the CPU's loss trajectory; the start event says cuda", { skip: skipGpu }, async () => {
+  const run = async (device: "cpu" | "cuda") => {
+    const events: TrainEvent[] = [];
+    const r = await train(setup({ maxSteps: 6, lr: 2e-3, loggingSteps: 1, saveSteps: 0, target: "all-linear", device }), {
+      onEvent: (e) => events.push(e),
+    });
+    const start = events.find((e) => e.type === "start");
+    return { r, device: start?.type === "start" ? start.device : undefined, losses: events.flatMap((e) => (e.type === "log" ? [e.loss] : [])) };
+  };
+  const cpu = await run("cpu");
+  const gpu = await run("cuda");
+  assert.equal(cpu.device, "cpu");
+  assert.equal(gpu.device, "cuda");
+  assert.equal(gpu.losses.length, 6);
+  for (let i = 0; i < 6; i++) {
+    const rel = Math.abs(gpu.losses[i]! - cpu.losses[i]!) / cpu.losses[i]!;
+    assert.ok(rel < 3e-2, `step ${i + 1}: cuda ${gpu.losses[i]} vs cpu ${cpu.losses[i]} (relative ${rel})`);
+  }
+  assert.ok(gpu.losses[5]! < gpu.losses[0]!, `the loss falls on the GPU: ${gpu.losses.join(", ")}`);
 });

@@ -36,6 +36,8 @@ export interface RunnerTrainOptions {
   evalSteps?: number;
   packing: boolean;
   quant: "nf4" | "none";
+  /** Where the job trains (the effective request's training.device; the job record's device). */
+  device: "cpu" | "cuda";
   gradientCheckpointing: boolean;
 }
 

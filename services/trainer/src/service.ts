@@ -11,7 +11,7 @@ import { mkdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { AlreadyExists, FailedPrecondition, InvalidArgument, isQloraError, NotFound } from "@qlora/core";
-import { DatasetSchema, TrainerService, type Dataset } from "@qlora/proto";
+import { DatasetSchema, Device, TrainerService, type Dataset } from "@qlora/proto";
 import { callerOf, checkVisible, defineService, jobResources, receiveUpload, visibleOnly, type ServiceRegistration } from "@qlora/rpc";
 import { validateName, type ArtifactStore } from "@qlora/store";
 import { create } from "@bufbuild/protobuf";
@@ -58,6 +58,11 @@ export interface TrainerServiceOptions {
    * INVALID_ARGUMENT.
    */
   maxLoraRank?: number;
+  /**
+   * Where jobs train (default "cpu"): a resolved device — `qlora serve --device` resolves auto. A job
+   * asking for DEVICE_CUDA on a CPU trainer is FailedPrecondition; AUTO / unspecified take this device.
+   */
+  device?: "cpu" | "cuda";
   /** Where operational messages go (default: stderr, prefixed "[trainer]"). */
   log?: (line: string) => void;
 }
@@ -153,6 +158,8 @@ class Mutex {
 export function trainerService(opts: TrainerServiceOptions): TrainerServiceHandle {
   const { store } = opts;
   const maxLoraRank = opts.maxLoraRank ?? DEFAULT_MAX_LORA_RANK;
+  const serviceDevice = opts.device ?? "cpu";
+  if (serviceDevice !== "cpu" && serviceDevice !== "cuda") throw new InvalidArgument(`device must be "cpu" or "cuda", got ${JSON.stringify(serviceDevice)}`);
   if (!Number.isSafeInteger(maxLoraRank) || maxLoraRank < 1) throw new InvalidArgument(`maxLoraRank must be a positive integer, got ${maxLoraRank}`);
   const dataDir = resolve(opts.dataDir);
   const trainerDir = join(dataDir, "trainer");
@@ -205,7 +212,7 @@ export function trainerService(opts: TrainerServiceOptions): TrainerServiceHandl
     TrainerService,
     {
       async createJob(req) {
-        const effective = withDefaults(req);
+        const effective = withDefaults(req, serviceDevice);
         const rank = effective.lora?.rank ?? 0;
         if (rank > maxLoraRank) {
           throw new InvalidArgument(`lora.rank ${rank} is above this trainer's limit of ${maxLoraRank} (max adapter rank)`);
@@ -220,7 +227,7 @@ export function trainerService(opts: TrainerServiceOptions): TrainerServiceHandl
           }
           const clash = (await jobs.list({ states: ["queued", "running"] })).find((j) => j.outputAdapter === output);
           if (clash) throw new AlreadyExists(`job ${clash.id} is already training adapter "${output}"`);
-          return jobs.create({ id, request: requestToJson(effective), outputAdapter: output, device: "cpu", message: "queued" });
+          return jobs.create({ id, request: requestToJson(effective), outputAdapter: output, device: effective.training?.device === Device.CUDA ? "cuda" : "cpu", message: "queued" });
         });
         manager.wake(id);
         manager.notify();

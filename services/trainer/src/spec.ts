@@ -98,8 +98,13 @@ export function checkTargets(cfg: Pick<ModelConfig, "family" | "numLayers">, tar
   }
 }
 
-/** Field checks and defaults that need nothing but the request. */
-export function withDefaults(req: CreateJobRequest): CreateJobRequest {
+/**
+ * Field checks and defaults that need nothing but the request and the device this trainer runs on
+ * (`serviceDevice`, resolved when the server started): training.device AUTO / unspecified becomes
+ * that device, CPU stays CPU, CUDA needs a CUDA trainer (FailedPrecondition otherwise). The effective
+ * request names the device the job trains on.
+ */
+export function withDefaults(req: CreateJobRequest, serviceDevice: "cpu" | "cuda" = "cpu"): CreateJobRequest {
   if (!req.baseModel) throw new InvalidArgument("base_model is required");
   validateName(req.baseModel, "base_model");
   if (!req.dataset) throw new InvalidArgument("dataset is required");
@@ -147,14 +152,16 @@ export function withDefaults(req: CreateJobRequest): CreateJobRequest {
   if (quant !== Quantization.UNSPECIFIED && quant !== Quantization.NF4 && quant !== Quantization.NONE) {
     throw new InvalidArgument(`training.quant: unknown value ${quant}`);
   }
-  const device = t?.device ?? Device.UNSPECIFIED;
-  if (device === Device.CUDA) {
-    // The CUDA engine serves inference only (docs/cuda.md §6); AUTO and CPU train on the CPU.
-    throw new FailedPrecondition("training.device CUDA is not available: training on CUDA is not implemented yet; use DEVICE_AUTO or DEVICE_CPU");
+  const requested = t?.device ?? Device.UNSPECIFIED;
+  if (requested !== Device.UNSPECIFIED && requested !== Device.AUTO && requested !== Device.CPU && requested !== Device.CUDA) {
+    throw new InvalidArgument(`training.device: unknown value ${requested}`);
   }
-  if (device !== Device.UNSPECIFIED && device !== Device.AUTO && device !== Device.CPU) {
-    throw new InvalidArgument(`training.device: unknown value ${device}`);
+  if (requested === Device.CUDA && serviceDevice !== "cuda") {
+    throw new FailedPrecondition(
+      "training.device CUDA is not available: this trainer runs on the CPU (start it with --device cuda|auto on a machine with a usable GPU); use DEVICE_AUTO or DEVICE_CPU",
+    );
   }
+  const device = requested === Device.CPU ? Device.CPU : serviceDevice === "cuda" ? Device.CUDA : Device.CPU;
 
   return create(CreateJobRequestSchema, {
     baseModel: req.baseModel,
@@ -187,7 +194,7 @@ export function withDefaults(req: CreateJobRequest): CreateJobRequest {
       evalSteps: t?.evalSteps ?? 0,
       packing: t?.packing ?? false,
       quant: quant === Quantization.UNSPECIFIED ? Quantization.NF4 : quant,
-      device: Device.CPU,
+      device,
       gradientCheckpointingOff: t?.gradientCheckpointingOff ?? false,
     },
   });
@@ -285,6 +292,7 @@ export function runnerOptions(req: CreateJobRequest): RunnerTrainOptions {
     ...(t.evalSteps > 0 ? { evalSteps: t.evalSteps } : {}),
     packing: t.packing,
     quant: t.quant === Quantization.NONE ? "none" : "nf4",
+    device: t.device === Device.CUDA ? "cuda" : "cpu",
     gradientCheckpointing: !t.gradientCheckpointingOff,
   };
 }

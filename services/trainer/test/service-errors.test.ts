@@ -142,3 +142,27 @@ describe("TrainerService rejects bad requests with the reason", () => {
     assert.equal((await h.client.cancelJob({ id: cancelled.id })).job?.id, cancelled.id);
   });
 });
+
+describe("a trainer on CUDA (qlora serve --device cuda|auto on a GPU machine)", () => {
+  let h: Harness;
+  before(async () => {
+    // The fake runner trains nothing, so this runs without a GPU: what is checked is which device the
+    // service assigns and records.
+    h = await startHarness({ fake: { stepMs: 2 }, device: "cuda" });
+    await addConfigOnlyModel(h.store, "tiny");
+    await h.client.uploadDataset(datasetUpload("good", "good.txt", TEXT_LINES));
+  });
+  after(async () => {
+    await h.close();
+  });
+
+  test("AUTO and unspecified jobs train on CUDA, CPU jobs on the CPU; the job and its request say which", async () => {
+    const cases: [Device | undefined, Device][] = [[undefined, Device.CUDA], [Device.AUTO, Device.CUDA], [Device.CUDA, Device.CUDA], [Device.CPU, Device.CPU]];
+    for (const [asked, used] of cases) {
+      const { job } = await h.client.createJob({ baseModel: "tiny", dataset: "good", training: { maxSteps: 1, ...(asked !== undefined ? { device: asked } : {}) } });
+      assert.equal(job!.device, used, `asked ${asked === undefined ? "nothing" : Device[asked]}`);
+      assert.equal((await h.client.getJob({ id: job!.id })).job!.device, used);
+      assert.equal(job!.request?.training?.device, used, "the effective request names the device");
+    }
+  });
+});

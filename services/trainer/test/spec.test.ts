@@ -5,7 +5,8 @@ import { mkdtemp, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
-import { CreateJobRequestSchema, Quantization, Scheduler } from "@qlora/proto";
+import { FailedPrecondition, InvalidArgument } from "@qlora/core";
+import { CreateJobRequestSchema, Device, Quantization, Scheduler } from "@qlora/proto";
 import { checkTargets, fromFloat32, runnerOptions, scanDataset, withDefaults } from "../src/index.js";
 
 /** What the server receives: the request after a trip through the wire (floats become float32). */
@@ -37,9 +38,25 @@ test("a bare request gets the classic example's defaults, and the runner the CLI
     loggingSteps: 5,
     packing: false,
     quant: "nf4",
+    device: "cpu",
     gradientCheckpointing: true,
   });
   assert.equal(eff.outputAdapter, "", "filled with the job id by CreateJob");
+});
+
+test("training.device: AUTO / unspecified take the trainer's device, CPU stays, CUDA needs a CUDA trainer", () => {
+  const dev = (d: Device | undefined, service: "cpu" | "cuda") =>
+    runnerOptions(withDefaults(wire({ baseModel: "m", dataset: "d", training: d === undefined ? {} : { device: d } }), service)).device;
+  assert.equal(dev(undefined, "cpu"), "cpu");
+  assert.equal(dev(undefined, "cuda"), "cuda");
+  assert.equal(dev(Device.AUTO, "cpu"), "cpu");
+  assert.equal(dev(Device.AUTO, "cuda"), "cuda");
+  assert.equal(dev(Device.CPU, "cuda"), "cpu");
+  assert.equal(dev(Device.CUDA, "cuda"), "cuda");
+  assert.equal(withDefaults(wire({ baseModel: "m", dataset: "d", training: { device: Device.AUTO } }), "cuda").training?.device, Device.CUDA,
+    "the effective request names the device used");
+  assert.throws(() => dev(Device.CUDA, "cpu"), (e: unknown) => e instanceof FailedPrecondition && /CUDA is not available/.test(e.message));
+  assert.throws(() => dev(7 as Device, "cpu"), InvalidArgument);
 });
 
 test("given values pass through exactly, float32 noise removed", () => {

@@ -374,18 +374,34 @@ void adamwUpdate(float* p, float* g, float* m, float* v, int64_t n, const AdamWP
   QK_CUDA_LAUNCHED();
 }
 
-double sumSquares(const float* g, int64_t n, Workspace& ws, Stream stream) {
-  if (n <= 0) return 0.0;
-  const int64_t blocks = (n + 4095) / 4096;
-  checkArg(blocks <= 0x7fffffffLL, "sumSquares size");
+void sumSquaresMany(const float* const* g, const int64_t* n, int count, double* out, Workspace& ws, Stream stream) {
+  // every tensor's 4096-element block sums into one array (tensor t's at first[t]), one download
+  std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);
+  for (int t = 0; t < count; ++t) {
+    checkArg(n[t] >= 0, "sumSquares size");
+    first[t + 1] = first[t] + (n[t] + 4095) / 4096;
+  }
+  const int64_t blocks = first[count];
+  for (int t = 0; t < count; ++t) out[t] = 0.0;
+  if (blocks == 0) return;
   double* part = ws.get<double>(0, static_cast<size_t>(blocks));
-  sumSquaresKernel<<<static_cast<unsigned>(blocks), 256, 0, cs(stream)>>>(g, n, part);
-  QK_CUDA_LAUNCHED();
+  for (int t = 0; t < count; ++t) {
+    const int64_t b = first[t + 1] - first[t];
+    if (b == 0) continue;
+    checkArg(b <= 0x7fffffffLL, "sumSquares size");
+    sumSquaresKernel<<<static_cast<unsigned>(b), 256, 0, cs(stream)>>>(g[t], n[t], part + first[t]);
+    QK_CUDA_LAUNCHED();
+  }
   std::vector<double> host(static_cast<size_t>(blocks));
   QK_CUDA_CHECK(cudaMemcpyAsync(host.data(), part, sizeof(double) * host.size(), cudaMemcpyDeviceToHost, cs(stream)));
   QK_CUDA_CHECK(cudaStreamSynchronize(cs(stream)));
+  for (int t = 0; t < count; ++t)
+    for (int64_t b = first[t]; b < first[t + 1]; ++b) out[t] += host[b];  // block sums in order, as the CPU
+}
+
+double sumSquares(const float* g, int64_t n, Workspace& ws, Stream stream) {
   double total = 0.0;
-  for (double b : host) total += b;  // block sums in order, as the CPU
+  sumSquaresMany(&g, &n, 1, &total, ws, stream);
   return total;
 }
 

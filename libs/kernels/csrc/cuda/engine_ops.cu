@@ -1,7 +1,8 @@
 // The small kernels the device decoder (model/model_cuda.cu) needs around the big ones: embedding
-// rows, the KV-cache append, a row gather (the rows whose logits are wanted) and a scale.
+// rows, the KV-cache append, a row gather (the rows whose logits are wanted) and a scale; for the
+// trainer (cuda/train_cuda.cu) the inverse scatter and an add.
 // CPU counterparts: qk::embeddingForward / tableRow (cpu/ops.cpp), the memcpy loop of
-// engine::Model::runDecoder, the sel_ gather of engine::Model::forward, qk::scale.
+// engine::Model::runDecoder, the sel_ gather of engine::Model::forward, qk::scale, qk::addInto.
 // All are grid-stride loops over the output: memory bound, one pass.
 #include "cuda/common.cuh"
 
@@ -51,6 +52,18 @@ __global__ void gatherRowsKernel(const float* __restrict__ src, const int32_t* _
   }
 }
 
+__global__ void scatterRowsKernel(const float* __restrict__ src, const int32_t* __restrict__ idx, int64_t R,
+                                  int64_t cols, float* __restrict__ dst) {
+  QK_GRID_STRIDE(i, R * cols) {
+    const int64_t r = i / cols, c = i - r * cols;
+    dst[static_cast<int64_t>(idx[r]) * cols + c] = src[i];
+  }
+}
+
+__global__ void addKernel(float* __restrict__ y, const float* __restrict__ x, int64_t n) {
+  QK_GRID_STRIDE(i, n) y[i] = __fadd_rn(y[i], x[i]);
+}
+
 __global__ void scaleKernel(float* __restrict__ x, float s, int64_t n) {
   QK_GRID_STRIDE(i, n) x[i] = __fmul_rn(x[i], s);
 }
@@ -78,6 +91,20 @@ void gatherRows(const float* src, const int32_t* idx, int64_t R, int64_t cols, f
   checkArg(R >= 0 && cols > 0, "gatherRows sizes");
   if (R == 0) return;
   gatherRowsKernel<<<gridOf(R * cols), kThreads, 0, cs(stream)>>>(src, idx, R, cols, dst);
+  QK_CUDA_LAUNCHED();
+}
+
+void scatterRows(const float* src, const int32_t* idx, int64_t R, int64_t cols, float* dst, Stream stream) {
+  checkArg(R >= 0 && cols > 0, "scatterRows sizes");
+  if (R == 0) return;
+  scatterRowsKernel<<<gridOf(R * cols), kThreads, 0, cs(stream)>>>(src, idx, R, cols, dst);
+  QK_CUDA_LAUNCHED();
+}
+
+void addInPlace(float* y, const float* x, int64_t n, Stream stream) {
+  checkArg(n >= 0, "add n");
+  if (n == 0) return;
+  addKernel<<<gridOf(n), kThreads, 0, cs(stream)>>>(y, x, n);
   QK_CUDA_LAUNCHED();
 }
 

@@ -16,7 +16,13 @@
 namespace qk {
 namespace engine {
 
+class CudaLoraTrainer;
+
 class CudaModel {
+  // cuda/train_cuda.cu: LoRA training reads the device weights in place (NF4 stays packed), runs on
+  // this model's stream and installs each trained slot in adapters_ (borrowed device A/B pointers).
+  friend class CudaLoraTrainer;
+
  public:
   // Validates like engine::Model (it builds one as the host-side binding), then uploads every
   // weight once: NF4 stays packed, f32/f16/bf16 as stored, norms/biases as fp32. After the

@@ -192,6 +192,10 @@ void kvCacheWrite(const float* k, const float* v, const int64_t* kvOffset, const
                   int64_t kvDim, float* kCache, float* vCache, Stream stream = nullptr);
 // dst[r, :] = src[idx[r], :] for r < R, rows of `cols` floats (idx: device).
 void gatherRows(const float* src, const int32_t* idx, int64_t R, int64_t cols, float* dst, Stream stream = nullptr);
+// dst[idx[r], :] = src[r, :] for r < R (the inverse of gatherRows; idx distinct; other rows untouched).
+void scatterRows(const float* src, const int32_t* idx, int64_t R, int64_t cols, float* dst, Stream stream = nullptr);
+// y[i] += x[i] (qk::addInto: one fp32 add).
+void addInPlace(float* y, const float* x, int64_t n, Stream stream = nullptr);
 // x[i] *= s (the OPT query scaling; one fp32 multiply as qk::scale).
 void scaleInPlace(float* x, float s, int64_t n, Stream stream = nullptr);
 
@@ -225,6 +229,10 @@ void adamwUpdate(float* p, float* g, float* m, float* v, int64_t n, const AdamWP
                  Stream stream = nullptr);
 // Σ g² in float64: per 4096-element block on the device, block sums added on the host in order.
 double sumSquares(const float* g, int64_t n, Workspace& ws, Stream stream = nullptr);
+// out[t] = sumSquares(g[t], n[t]) for `count` tensors, with one download and one synchronisation in
+// all (the trainer's global gradient norm over every LoRA tensor).
+void sumSquaresMany(const float* const* g, const int64_t* n, int count, double* out, Workspace& ws,
+                    Stream stream = nullptr);
 
 // ---- sampling -----------------------------------------------------------------------------------
 // qk::sampleToken on device logits: the same order of operations and the same single draw from the

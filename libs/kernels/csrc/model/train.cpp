@@ -44,9 +44,8 @@ struct LoraTrainer::Ctx {
 // =============================================================================================
 // Adapter slots: init, state, install
 // =============================================================================================
-void LoraTrainer::initLora(int slot, const LoraSpec& spec) {
-  const ModelConfig& cfg = m_->cfg_;
-  if (slot < 0 || slot >= 65536) invalid("initLora: adapter slot must be in 0..65535");
+LoraSlot LoraTrainer::newSlot(const Model& m, const LoraSpec& spec) {
+  const ModelConfig& cfg = m.cfg_;
   if (spec.rank < 1 || spec.rank > 65536) invalid("initLora: rank must be a positive integer");
   if (!std::isfinite(spec.alpha)) invalid("initLora: alpha must be finite");
   if (!(spec.dropout >= 0 && spec.dropout < 1)) invalid("initLora: dropout must be in [0, 1)");
@@ -62,7 +61,7 @@ void LoraTrainer::initLora(int slot, const LoraSpec& spec) {
     if (!seen.insert(name).second) invalid("initLora: target module " + name + " is listed twice");
     LoraParam p;
     p.name = name;
-    m_->resolveModule(name, &p.layer, &p.lin, &p.in, &p.out);
+    m.resolveModule(name, &p.layer, &p.lin, &p.in, &p.out);
     s.mods.push_back(std::move(p));
   }
   std::sort(s.mods.begin(), s.mods.end(), [](const LoraParam& x, const LoraParam& y) {
@@ -88,6 +87,13 @@ void LoraTrainer::initLora(int slot, const LoraSpec& spec) {
     p.vb.assign(nb, 0.f);
     s.index[static_cast<size_t>(p.layer) * kNumLin + p.lin] = static_cast<int>(i);
   }
+  return s;
+}
+
+void LoraTrainer::initLora(int slot, const LoraSpec& spec) {
+  const ModelConfig& cfg = m_->cfg_;
+  if (slot < 0 || slot >= 65536) invalid("initLora: adapter slot must be in 0..65535");
+  LoraSlot s = newSlot(*m_, spec);
   LoraSlot& dst = slots_[slot];
   dst = std::move(s);  // vector buffers move: the pointers installed below stay valid
 
@@ -140,8 +146,7 @@ void LoraTrainer::zeroGrad(int slot) {
   }
 }
 
-void LoraTrainer::setState(int slot, int rank, const std::map<std::string, ModuleState>& mods) {
-  LoraSlot& s = slotRef(slot);
+void LoraTrainer::checkState(const LoraSlot& s, int rank, const std::map<std::string, ModuleState>& mods) {
   if (rank != s.rank)
     invalid("setLoraState: rank " + std::to_string(rank) + " differs from the slot's rank " + std::to_string(s.rank));
   if (mods.size() != s.mods.size())
@@ -154,6 +159,11 @@ void LoraTrainer::setState(int slot, int rank, const std::map<std::string, Modul
       invalid("setLoraState: module " + p.name + " has the wrong sizes (a: " + std::to_string(p.a.size()) +
               " floats, b: " + std::to_string(p.b.size()) + ")");
   }
+}
+
+void LoraTrainer::setState(int slot, int rank, const std::map<std::string, ModuleState>& mods) {
+  LoraSlot& s = slotRef(slot);
+  checkState(s, rank, mods);
   for (LoraParam& p : s.mods) {
     const ModuleState& m = mods.at(p.name);
     std::copy(m.a, m.a + m.na, p.a.begin());
@@ -170,13 +180,26 @@ void LoraTrainer::setState(int slot, int rank, const std::map<std::string, Modul
 // =============================================================================================
 // AdamW
 // =============================================================================================
-double LoraTrainer::adamwStep(int slot, const AdamWOptions& o) {
-  LoraSlot& s = slotRef(slot);
+void LoraTrainer::checkAdamW(const AdamWOptions& o) {
   if (!(o.lr >= 0) || !std::isfinite(o.lr)) invalid("adamwStep: lr must be finite and >= 0");
   if (!(o.beta1 >= 0 && o.beta1 < 1) || !(o.beta2 >= 0 && o.beta2 < 1)) invalid("adamwStep: betas must be in [0, 1)");
   if (!(o.eps >= 0) || !(o.weightDecay >= 0) || !(o.maxGradNorm >= 0))
     invalid("adamwStep: eps, weightDecay and maxGradNorm must be >= 0");
   if (o.step < 1) invalid("adamwStep: step must be >= 1 (1-based)");
+}
+
+float LoraTrainer::clipCoef(const AdamWOptions& o, double norm) {
+  float clip = 1.f;  // torch clip_grad_norm_: coef = max / (norm + 1e-6), applied when < 1
+  if (o.maxGradNorm > 0) {
+    const double coef = o.maxGradNorm / (norm + 1e-6);
+    if (coef < 1.0) clip = static_cast<float>(coef);
+  }
+  return clip;
+}
+
+double LoraTrainer::adamwStep(int slot, const AdamWOptions& o) {
+  LoraSlot& s = slotRef(slot);
+  checkAdamW(o);
   // global L2 norm over every A and B gradient, modules in canonical order (fixed order)
   double sq = 0.0;
   for (const LoraParam& p : s.mods) {
@@ -184,18 +207,8 @@ double LoraTrainer::adamwStep(int slot, const AdamWOptions& o) {
     sq += sumSquares(p.gb.data(), static_cast<int64_t>(p.gb.size()));
   }
   const double norm = std::sqrt(sq);
-  float clip = 1.f;  // torch clip_grad_norm_: coef = max / (norm + 1e-6), applied when < 1
-  if (o.maxGradNorm > 0) {
-    const double coef = o.maxGradNorm / (norm + 1e-6);
-    if (coef < 1.0) clip = static_cast<float>(coef);
-  }
-  AdamWParams ap;
-  ap.lr = o.lr;
-  ap.beta1 = o.beta1;
-  ap.beta2 = o.beta2;
-  ap.eps = o.eps;
-  ap.weightDecay = o.weightDecay;
-  ap.step = o.step;
+  const float clip = clipCoef(o, norm);
+  const AdamWParams ap = o.params();
   for (LoraParam& p : s.mods) {
     adamwUpdate(p.a.data(), p.ga.data(), p.ma.data(), p.va.data(), static_cast<int64_t>(p.a.size()), ap, clip);
     adamwUpdate(p.b.data(), p.gb.data(), p.mb.data(), p.vb.data(), static_cast<int64_t>(p.b.size()), ap, clip);
@@ -206,19 +219,15 @@ double LoraTrainer::adamwStep(int slot, const AdamWOptions& o) {
 // =============================================================================================
 // Batch metadata, tables, workspace
 // =============================================================================================
-void LoraTrainer::validate(const TrainBatch& b, Ctx& c) {
-  const ModelConfig& cfg = m_->cfg_;
+void LoraTrainer::planBatch(const Model& m, const TrainBatch& b, BatchPlan* p) {
+  const ModelConfig& cfg = m.cfg_;
   if (b.B < 1 || b.T < 1) invalid("batch: batchSize and seqLen must be >= 1");
   if (b.B * b.T > (int64_t(1) << 30)) invalid("batch: too many tokens");
-  c.B = b.B;
-  c.T = b.T;
-  c.N = b.B * b.T;
-  c.tokens = b.tokens;
-  const int64_t N = c.N;
-  pos_.resize(N);
-  start_.resize(N);
-  rows_.clear();
-  lab_.clear();
+  const int64_t N = b.B * b.T;
+  p->pos.resize(N);
+  p->start.resize(N);
+  p->rows.clear();
+  p->lab.clear();
   int32_t maxPos = 0;
   for (int64_t r = 0; r < b.B; ++r) {
     int64_t run = 0;  // row-local start of the current segment
@@ -230,56 +239,77 @@ void LoraTrainer::validate(const TrainBatch& b, Ctx& c) {
       if (y != -100 && (y < 0 || y >= cfg.vocab))
         invalid("batch: label " + std::to_string(y) + " is neither -100 nor a token id in 0.." + std::to_string(cfg.vocab - 1));
       if (y != -100) {
-        rows_.push_back(static_cast<int32_t>(i));
-        lab_.push_back(y);
+        p->rows.push_back(static_cast<int32_t>(i));
+        p->lab.push_back(y);
       }
       if (t > 0 && b.segments && b.segments[i] != b.segments[i - 1]) run = t;
-      pos_[i] = static_cast<int32_t>(t - run);
-      start_[i] = static_cast<int32_t>(run);
-      maxPos = std::max(maxPos, pos_[i]);
+      p->pos[i] = static_cast<int32_t>(t - run);
+      p->start[i] = static_cast<int32_t>(run);
+      maxPos = std::max(maxPos, p->pos[i]);
     }
   }
-  if (cfg.arch == Arch::Llama) {
-    ensureRope(static_cast<int64_t>(maxPos) + 1);
-  } else if (static_cast<int64_t>(maxPos) + 2 >= m_->positions_.rows) {
+  if (cfg.arch != Arch::Llama && static_cast<int64_t>(maxPos) + 2 >= m.positions_.rows) {
     invalid("batch: position " + std::to_string(maxPos) + " exceeds OPT's learned positions (" +
-            std::to_string(m_->positions_.rows - 2) + ")");
+            std::to_string(m.positions_.rows - 2) + ")");
   }
-  c.pos = pos_.data();
-  c.start = start_.data();
-  c.count = static_cast<int64_t>(rows_.size());
+  p->maxPos = maxPos;
 }
 
-void LoraTrainer::ensureRope(int64_t positions) {
-  if (positions <= ropeCap_) return;
-  const ModelConfig& cfg = m_->cfg_;
+void LoraTrainer::validate(const TrainBatch& b, Ctx& c) {
+  planBatch(*m_, b, &plan_);
+  c.B = b.B;
+  c.T = b.T;
+  c.N = b.B * b.T;
+  c.tokens = b.tokens;
+  if (m_->cfg_.arch == Arch::Llama) ensureRope(static_cast<int64_t>(plan_.maxPos) + 1);
+  c.pos = plan_.pos.data();
+  c.start = plan_.start.data();
+  c.count = static_cast<int64_t>(plan_.rows.size());
+}
+
+AttentionShape LoraTrainer::attentionShape(const ModelConfig& cfg) {
+  AttentionShape as;
+  as.nHeads = cfg.heads;
+  as.nKvHeads = cfg.kvHeads;
+  as.headDim = cfg.headDim;
+  as.scale = cfg.arch == Arch::Llama ? 1.f / std::sqrt(static_cast<float>(cfg.headDim)) : 1.f;
+  return as;
+}
+
+void LoraTrainer::ropeTablesFor(const ModelConfig& cfg, int64_t cap, std::vector<float>* cosT,
+                                std::vector<float>* sinT) {
   const int half = cfg.headDim / 2;
-  const int64_t cap = std::max<int64_t>(positions, 2 * ropeCap_);
   RopeParams rp = cfg.rope;
   rp.headDim = cfg.headDim;
   std::vector<float> inv(half);
   ropeInvFreq(rp, inv.data());
-  cos_.resize(static_cast<size_t>(cap) * half);
-  sin_.resize(static_cast<size_t>(cap) * half);
-  ropeTables(inv.data(), half, cap, cos_.data(), sin_.data());
+  cosT->resize(static_cast<size_t>(cap) * half);
+  sinT->resize(static_cast<size_t>(cap) * half);
+  ropeTables(inv.data(), half, cap, cosT->data(), sinT->data());
+}
+
+void LoraTrainer::ensureRope(int64_t positions) {
+  if (positions <= ropeCap_) return;
+  const int64_t cap = std::max<int64_t>(positions, 2 * ropeCap_);
+  ropeTablesFor(m_->cfg_, cap, &cos_, &sin_);
   ropeCap_ = cap;
 }
 
 // One layer's activation slab (floats) for N tokens and the context's rank.
-size_t LoraTrainer::actsFloats(int64_t N) const {
-  const ModelConfig& cfg = m_->cfg_;
+size_t LoraTrainer::actsFloats(const Model& m, int64_t N) {
+  const ModelConfig& cfg = m.cfg_;
   const bool llama = cfg.arch == Arch::Llama, postLN = !llama && !cfg.layerNormBefore;
-  const int64_t H = cfg.hidden, I = cfg.intermediate, q = m_->qDim_, kv = m_->kvDim_;
+  const int64_t H = cfg.hidden, I = cfg.intermediate, q = m.qDim_, kv = m.kvDim_;
   int64_t per = H /*n1*/ + q /*q*/ + 2 * kv /*k, v*/ + cfg.heads /*lse*/ + q /*att*/ + 2 * H /*r1, n2*/ + I /*g*/;
   if (llama) per += I;   // u
   if (postLN) per += H;  // r2
   return static_cast<size_t>(N * per);
 }
 
-void LoraTrainer::bindActs(float* p, int64_t N, Acts* a) const {
-  const ModelConfig& cfg = m_->cfg_;
+void LoraTrainer::bindActs(const Model& m, float* p, int64_t N, Acts* a) {
+  const ModelConfig& cfg = m.cfg_;
   const bool llama = cfg.arch == Arch::Llama, postLN = !llama && !cfg.layerNormBefore;
-  const int64_t H = cfg.hidden, I = cfg.intermediate, q = m_->qDim_, kv = m_->kvDim_;
+  const int64_t H = cfg.hidden, I = cfg.intermediate, q = m.qDim_, kv = m.kvDim_;
   auto take = [&](int64_t n) {
     float* r = p;
     p += N * n;
@@ -360,11 +390,7 @@ void LoraTrainer::layerForward(const Ctx& c, int l, const float* xin, float* xou
   linFwd(c, l, LQ, ain, a.q, false, a.lu[LQ]);  // q [N, qDim]
   linFwd(c, l, LK, ain, a.k, false, a.lu[LK]);  // k [N, kvDim]
   linFwd(c, l, LV, ain, a.v, false, a.lu[LV]);  // v [N, kvDim]
-  AttentionShape as;
-  as.nHeads = cfg.heads;
-  as.nKvHeads = cfg.kvHeads;
-  as.headDim = cfg.headDim;
-  as.scale = llama ? 1.f / std::sqrt(static_cast<float>(hd)) : 1.f;
+  const AttentionShape as = LoraTrainer::attentionShape(cfg);
   if (llama) {
     ropeForward(a.q, N, cfg.heads, cfg.headDim, c.pos, cos_.data(), sin_.data());
     ropeForward(a.k, N, cfg.kvHeads, cfg.headDim, c.pos, cos_.data(), sin_.data());
@@ -437,11 +463,7 @@ void LoraTrainer::layerBackward(const Ctx& c, int l, const float* xin, const Act
   float* dK = grow(dK_, static_cast<size_t>(N * kvDim));
   float* dV = grow(dV_, static_cast<size_t>(N * kvDim));
   linBwd(c, l, LO, a.att, a.lu[LO], dX, dAtt, false, true);
-  AttentionShape as;
-  as.nHeads = cfg.heads;
-  as.nKvHeads = cfg.kvHeads;
-  as.headDim = cfg.headDim;
-  as.scale = llama ? 1.f / std::sqrt(static_cast<float>(hd)) : 1.f;
+  const AttentionShape as = LoraTrainer::attentionShape(cfg);
   attentionTrainBackward(as, c.B, c.T, c.start, a.q, a.k, a.v, a.att, a.lse, dAtt, dQ, dK, dV);
   if (llama) {
     ropeBackward(dQ, N, cfg.heads, cfg.headDim, c.pos, cos_.data(), sin_.data());
@@ -464,7 +486,7 @@ double LoraTrainer::head(const Ctx& c, const float* xL, float gradScale, float* 
   const ModelConfig& cfg = m_->cfg_;
   const int64_t H = cfg.hidden, M = c.count;
   float* hs = grow(hs_, static_cast<size_t>(M * H));  // labelled rows of xL [M, H]
-  for (int64_t r = 0; r < M; ++r) std::memcpy(hs + r * H, xL + static_cast<int64_t>(rows_[r]) * H, sizeof(float) * H);
+  for (int64_t r = 0; r < M; ++r) std::memcpy(hs + r * H, xL + static_cast<int64_t>(plan_.rows[r]) * H, sizeof(float) * H);
   const bool hasNorm = m_->finalNorm_.w != nullptr;  // OPT post-LN has none
   float* hn = hs;
   if (hasNorm) {
@@ -473,7 +495,7 @@ double LoraTrainer::head(const Ctx& c, const float* xL, float gradScale, float* 
   }
   float* dhn = dX ? grow(dhn_, static_cast<size_t>(M * H)) : nullptr;
   const double loss =
-      lmHeadCrossEntropy(hn, M, m_->lmHead_, lab_.data(), lmHeadChunkRows(M, cfg.vocab), gradScale, dhn, logits_);
+      lmHeadCrossEntropy(hn, M, m_->lmHead_, plan_.lab.data(), lmHeadChunkRows(M, cfg.vocab), gradScale, dhn, logits_);
   if (dX) {
     float* dhs = dhn;
     if (hasNorm) {
@@ -481,7 +503,7 @@ double LoraTrainer::head(const Ctx& c, const float* xL, float gradScale, float* 
       normBwd(m_->finalNorm_, dhn, hs, dhs, M, false);
     }
     std::memset(dX, 0, sizeof(float) * c.N * H);
-    for (int64_t r = 0; r < M; ++r) std::memcpy(dX + static_cast<int64_t>(rows_[r]) * H, dhs + r * H, sizeof(float) * H);
+    for (int64_t r = 0; r < M; ++r) std::memcpy(dX + static_cast<int64_t>(plan_.rows[r]) * H, dhs + r * H, sizeof(float) * H);
   }
   return loss;
 }
@@ -539,7 +561,7 @@ LossResult LoraTrainer::run(int slot, const TrainBatch& batch, const TrainOption
   const int L = cfg.layers;
   const int64_t N = c.N, H = cfg.hidden;
   const bool ckpt = !train || train->checkpointing;
-  const size_t slabActs = actsFloats(N), slabLora = static_cast<size_t>(kNumLin) * N * c.rank;
+  const size_t slabActs = actsFloats(*m_, N), slabLora = static_cast<size_t>(kNumLin) * N * c.rank;
   const size_t slab = slabActs + slabLora;
   const int slabs = ckpt ? 1 : L;
   float* xs = grow(xs_, static_cast<size_t>(L + 1) * N * H);
@@ -547,7 +569,7 @@ LossResult LoraTrainer::run(int slot, const TrainBatch& batch, const TrainOption
   auto actsOf = [&](int l) {
     Acts a;
     float* base = acts + (ckpt ? 0 : static_cast<size_t>(l) * slab);
-    bindActs(base, N, &a);
+    bindActs(*m_, base, N, &a);
     if (train)
       for (int w = 0; w < kNumLin; ++w) a.lu[w] = base + slabActs + static_cast<size_t>(w) * N * c.rank;
     return a;

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/adamw.h"
 #include "cpu/backward.h"
 #include "model/model.h"
 
@@ -59,6 +60,17 @@ struct TrainOptions {
 struct AdamWOptions {
   double lr = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weightDecay = 0, maxGradNorm = 0;
   int64_t step = 1;
+  // The update's parameters (cpu/adamw.h; clipping is applied separately).
+  AdamWParams params() const {
+    AdamWParams p;
+    p.lr = lr;
+    p.beta1 = beta1;
+    p.beta2 = beta2;
+    p.eps = eps;
+    p.weightDecay = weightDecay;
+    p.step = step;
+    return p;
+  }
 };
 
 struct LossResult {
@@ -89,20 +101,47 @@ struct LoraTrainer {
   };
   void setState(int slot, int rank, const std::map<std::string, ModuleState>& mods);
 
- private:
+  // ---- host-side parts shared with the CUDA trainer (cuda/train_cuda.{h,cu}): the same slot init,
+  // batch metadata, validation and activation layout on both devices ----
+
+  // A new slot for `spec` on model m: targets resolved (InvalidArgument on unknown / duplicate names),
+  // A ~ U(−1/√in, 1/√in) from one xoshiro256** stream seeded by spec.seed, B, gradients, moments 0.
+  static LoraSlot newSlot(const Model& m, const LoraSpec& spec);
+  // A batch's per-token metadata (validated against the model: ids, labels, OPT positions).
+  struct BatchPlan {
+    std::vector<int32_t> pos;    // [N] position (restarts per segment)
+    std::vector<int32_t> start;  // [N] row-local first position of the token's segment
+    std::vector<int32_t> rows;   // [M] the labelled tokens (flat index), in order
+    std::vector<int32_t> lab;    // [M] their labels
+    int32_t maxPos = 0;
+  };
+  static void planBatch(const Model& m, const TrainBatch& b, BatchPlan* p);
+  // setState's checks: same rank, same module set, same sizes (InvalidArgument otherwise).
+  static void checkState(const LoraSlot& s, int rank, const std::map<std::string, ModuleState>& mods);
+  // adamwStep's argument checks, and the clip factor of torch clip_grad_norm_ for the global norm.
+  static void checkAdamW(const AdamWOptions& o);
+  static float clipCoef(const AdamWOptions& o, double norm);
+  // The decoder's attention shape (Llama scales scores by hd^-½; OPT scales q after q_proj instead).
+  static AttentionShape attentionShape(const ModelConfig& cfg);
+  // RoPE tables for positions [0, cap) (ropeInvFreq + ropeTables, as the inference engine).
+  static void ropeTablesFor(const ModelConfig& cfg, int64_t cap, std::vector<float>* cosT, std::vector<float>* sinT);
+
   // A layer's saved activations (pointers into one slab). See train.cpp for who writes what.
   struct Acts {
     float *n1, *q, *k, *v, *lse, *att, *r1, *n2, *g, *u, *r2;
     float* lu[kNumLin];  // LoRA u = drop(x)·Aᵀ [N, r] per targeted linear
   };
+  // One layer's activation slab (floats, without the LoRA u) for N tokens, and its binding.
+  static size_t actsFloats(const Model& m, int64_t N);
+  static void bindActs(const Model& m, float* base, int64_t N, Acts* a);
+
+ private:
   struct Ctx;  // one call's batch metadata and LoRA binding
 
   LoraSlot& slotRef(int slot);
   void checkInstalled(int slot, const LoraSlot& s) const;
   void validate(const TrainBatch& b, Ctx& c);
   void ensureRope(int64_t positions);
-  size_t actsFloats(int64_t N) const;
-  void bindActs(float* base, int64_t N, Acts* a) const;
 
   void embed(const Ctx& c, float* x);
   void layerForward(const Ctx& c, int l, const float* xin, float* xout, const Acts& a);
@@ -125,7 +164,7 @@ struct LoraTrainer {
   int64_t ropeCap_ = 0;
 
   // workspace, grown on demand and kept between calls
-  std::vector<int32_t> pos_, start_, rows_, lab_;
+  BatchPlan plan_;
   std::vector<float> xs_;      // [(layers + 1), N, H] residual stream: layer inputs (the checkpoints)
   std::vector<float> acts_;    // 1 slab (checkpointing / eval) or `layers` slabs
   std::vector<float> dX_, dR_, dN_, dH_, dG_, dU_, hb_, dAtt_, dQ_, dK_, dV_;

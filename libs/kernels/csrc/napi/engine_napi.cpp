@@ -16,6 +16,7 @@
 #include "model/model.h"
 #include "napi/args.h"
 #include "napi/coded_args.h"
+#include "napi/native_model.h"
 #include "napi/registry.h"
 #ifdef QLORA_WITH_CUDA
 #include "cuda/model_cuda.h"
@@ -238,8 +239,15 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
     });
   }
 
-  // The engine model (null once disposed), for csrc/napi/train_napi.cpp.
-  qk::engine::Model* engineModel() const { return model_.get(); }
+  // The engine (both null once disposed), for csrc/napi/train_napi.cpp.
+  qk::engine::NativeEngine engines() const {
+    qk::engine::NativeEngine e;
+    e.cpu = model_.get();
+#ifdef QLORA_WITH_CUDA
+    e.cuda = cuda_.get();
+#endif
+    return e;
+  }
   bool onCuda() const {
 #ifdef QLORA_WITH_CUDA
     return cuda_ != nullptr;
@@ -671,17 +679,13 @@ Napi::Value engineOpEmbedding(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-// The engine::Model behind a NativeModel object (src/engine.ts `handle`), or null once disposed.
-// Used by csrc/napi/train_napi.cpp (LoRA training); the caller passes only NativeModel handles.
+// The engine behind a NativeModel object (src/engine.ts `handle`); napi/native_model.h.
 namespace qk {
 namespace engine {
-Model* unwrapNativeModel(const Napi::Value& v) {
+NativeEngine unwrapNativeModel(const Napi::Value& v) {
   if (!v.IsObject()) throw EngineError("INVALID_ARGUMENT", "expected a NativeModel");
   NativeModelWrap* w = NativeModelWrap::Unwrap(v.As<Napi::Object>());
-  // LoRA training (train_napi.cpp) runs on the CPU engine only; never fall back silently.
-  if (w && w->onCuda())
-    throw EngineError("FAILED_PRECONDITION", "training on CUDA is not implemented yet (this model was loaded with device \"cuda\")");
-  return w ? w->engineModel() : nullptr;
+  return w ? w->engines() : NativeEngine{};
 }
 }  // namespace engine
 }  // namespace qk

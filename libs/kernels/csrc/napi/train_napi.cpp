@@ -1,13 +1,15 @@
-// N-API bindings of LoRA training (model/train.h) and of the backward kernels (cpu/backward.h,
-// cpu/adamw.h) for the tests. src/train.ts attaches the training functions to NativeModel's
-// prototype: each takes the trainer (an External created once per model by trainCreate) and the
-// model's native handle (NativeModel.handle), which is re-checked on every call (disposed → error).
+// N-API bindings of LoRA training (model/train.h on the CPU, cuda/train_cuda.h for a model on device
+// "cuda") and of the backward kernels (cpu/backward.h, cpu/adamw.h) for the tests. src/train.ts
+// attaches the training functions to NativeModel's prototype: each takes the trainer (an External
+// created once per model by trainCreate) and the model's native handle (NativeModel.handle), which is
+// re-checked on every call (disposed → error).
 // Errors carry a `code` (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED).
 #include <cmath>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/adamw.h"
@@ -17,13 +19,11 @@
 #include "model/train.h"
 #include "napi/args.h"
 #include "napi/coded_args.h"
+#include "napi/native_model.h"
 #include "napi/registry.h"
-
-namespace qk {
-namespace engine {
-Model* unwrapNativeModel(const Napi::Value& v);  // napi/engine_napi.cpp
-}
-}  // namespace qk
+#ifdef QLORA_WITH_CUDA
+#include "cuda/train_cuda.h"
+#endif
 
 namespace {
 
@@ -79,16 +79,29 @@ Napi::Float32Array copyOf(Napi::Env env, const float* p, size_t n) {
   return a;
 }
 
-// ---- trainer + model ------------------------------------------------------------------------------
-qk::engine::LoraTrainer& trainerOf(const Napi::CallbackInfo& info) {
-  if (!info[0].IsExternal()) bad("training: bad trainer handle");
-  auto* t = info[0].As<Napi::External<qk::engine::LoraTrainer>>().Data();
-  qk::engine::Model* m = qk::engine::unwrapNativeModel(info[1]);
-  if (!m) fail("FAILED_PRECONDITION", "the model was disposed");
-  if (m != t->model()) fail("FAILED_PRECONDITION", "training: the trainer belongs to another model");
-  return *t;
-}
+// ---- trainer + model ----------------------------------------------------------------------------
+// One trainer per NativeModel, on the model's device: engine::LoraTrainer for the CPU engine,
+// engine::CudaLoraTrainer for the CUDA engine. Both have the same member functions, so every binding
+// below is written once as a generic lambda (withTrainer).
+struct TrainerHandle {
+  std::unique_ptr<qk::engine::LoraTrainer> cpu;
+#ifdef QLORA_WITH_CUDA
+  std::unique_ptr<qk::engine::CudaLoraTrainer> cuda;
+#endif
+};
 
+template <typename F>
+auto withTrainer(const Napi::CallbackInfo& info, F&& f) -> decltype(f(std::declval<qk::engine::LoraTrainer&>())) {
+  if (!info[0].IsExternal()) bad("training: bad trainer handle");
+  TrainerHandle* t = info[0].As<Napi::External<TrainerHandle>>().Data();
+  const qk::engine::NativeEngine e = qk::engine::unwrapNativeModel(info[1]);
+  if (!e.cpu && !e.cuda) fail("FAILED_PRECONDITION", "the model was disposed");
+  if (t->cpu && t->cpu->model() == e.cpu) return f(*t->cpu);
+#ifdef QLORA_WITH_CUDA
+  if (t->cuda && t->cuda->model() == e.cuda) return f(*t->cuda);
+#endif
+  fail("FAILED_PRECONDITION", "training: the trainer belongs to another model");
+}
 // batch {tokens, labels, batchSize, seqLen, segments?}
 qk::engine::TrainBatch batchOf(const Napi::Value& v) {
   Napi::Object o = obj(v, "batch");
@@ -119,21 +132,23 @@ Napi::Value lossObject(Napi::Env env, const qk::engine::LossResult& r) {
   return o;
 }
 
-// trainCreate(handle) → External<LoraTrainer>
+// trainCreate(handle) → External<TrainerHandle>: a CPU or CUDA trainer, on the model's device
 Napi::Value trainCreate(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
-    qk::engine::Model* m = qk::engine::unwrapNativeModel(info[0]);
-    if (!m) fail("FAILED_PRECONDITION", "the model was disposed");
-    auto* t = new qk::engine::LoraTrainer(m);
-    return Napi::External<qk::engine::LoraTrainer>::New(info.Env(), t,
-                                                         [](Napi::Env, qk::engine::LoraTrainer* p) { delete p; });
+    const qk::engine::NativeEngine e = qk::engine::unwrapNativeModel(info[0]);
+    if (!e.cpu && !e.cuda) fail("FAILED_PRECONDITION", "the model was disposed");
+    auto t = std::make_unique<TrainerHandle>();
+    if (e.cpu) t->cpu = std::make_unique<qk::engine::LoraTrainer>(e.cpu);
+#ifdef QLORA_WITH_CUDA
+    if (e.cuda) t->cuda = std::make_unique<qk::engine::CudaLoraTrainer>(e.cuda);
+#endif
+    return Napi::External<TrainerHandle>::New(info.Env(), t.release(), [](Napi::Env, TrainerHandle* p) { delete p; });
   });
 }
 
 // trainInitLora(trainer, handle, slot, {rank, alpha, useRslora, dropout, targets, seed})
 Napi::Value trainInitLora(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
-    qk::engine::LoraTrainer& t = trainerOf(info);
     const int64_t slot = integer(info[2], "slot");
     if (slot < 0 || slot >= 65536) bad("initLora: slot must be in 0..65535");
     Napi::Object o = obj(info[3], "initLora spec");
@@ -153,15 +168,16 @@ Napi::Value trainInitLora(const Napi::CallbackInfo& info) {
       if (!e.IsString()) bad("initLora: spec.targets must hold strings");
       s.targets.push_back(e.As<Napi::String>().Utf8Value());
     }
-    t.initLora(static_cast<int>(slot), s);
-    return info.Env().Undefined();
+    return withTrainer(info, [&](auto& t) -> Napi::Value {
+      t.initLora(static_cast<int>(slot), s);
+      return info.Env().Undefined();
+    });
   });
 }
 
 // trainForwardBackward(trainer, handle, slot, batch, {dropoutSeed, gradScale, checkpointing})
 Napi::Value trainForwardBackward(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
-    qk::engine::LoraTrainer& t = trainerOf(info);
     const int64_t slot = integer(info[2], "slot");
     if (slot < 0 || slot >= 65536) bad("trainForwardBackward: slot must be in 0..65535");
     qk::engine::TrainBatch b = batchOf(info[3]);
@@ -170,24 +186,27 @@ Napi::Value trainForwardBackward(const Napi::CallbackInfo& info) {
     opts.dropoutSeed = u64(o.Get("dropoutSeed"), "options.dropoutSeed");
     opts.gradScale = static_cast<float>(num(o, "gradScale", "options"));
     opts.checkpointing = boolOf(o, "checkpointing", "options");
-    return lossObject(info.Env(), t.trainForwardBackward(static_cast<int>(slot), b, opts));
+    return withTrainer(info, [&](auto& t) -> Napi::Value {
+      return lossObject(info.Env(), t.trainForwardBackward(static_cast<int>(slot), b, opts));
+    });
   });
 }
 
 // trainEvalLoss(trainer, handle, slot, batch)
 Napi::Value trainEvalLoss(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
-    qk::engine::LoraTrainer& t = trainerOf(info);
     const int64_t slot = integer(info[2], "slot");
     if (slot < -1 || slot >= 65536) bad("evalLoss: slot must be in 0..65535, or -1 for the base model");
-    return lossObject(info.Env(), t.evalLoss(static_cast<int>(slot), batchOf(info[3])));
+    const qk::engine::TrainBatch b = batchOf(info[3]);
+    return withTrainer(info, [&](auto& t) -> Napi::Value {
+      return lossObject(info.Env(), t.evalLoss(static_cast<int>(slot), b));
+    });
   });
 }
 
 // trainAdamwStep(trainer, handle, slot, {lr, beta1, beta2, eps, weightDecay, maxGradNorm, step}) → {gradNorm}
 Napi::Value trainAdamwStep(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
-    qk::engine::LoraTrainer& t = trainerOf(info);
     const int64_t slot = integer(info[2], "slot");
     Napi::Object o = obj(info[3], "adamw options");
     qk::engine::AdamWOptions a;
@@ -198,25 +217,31 @@ Napi::Value trainAdamwStep(const Napi::CallbackInfo& info) {
     a.weightDecay = num(o, "weightDecay", "adamw");
     a.maxGradNorm = num(o, "maxGradNorm", "adamw");
     a.step = intOf(o, "step", "adamw");
-    const double norm = t.adamwStep(static_cast<int>(slot), a);
-    Napi::Object r = Napi::Object::New(info.Env());
-    r.Set("gradNorm", norm);
-    return r;
+    return withTrainer(info, [&](auto& t) -> Napi::Value {
+      Napi::Object r = Napi::Object::New(info.Env());
+      r.Set("gradNorm", t.adamwStep(static_cast<int>(slot), a));
+      return r;
+    });
   });
 }
 
 // trainZeroGrad(trainer, handle, slot)
 Napi::Value trainZeroGrad(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
-    trainerOf(info).zeroGrad(static_cast<int>(integer(info[2], "slot")));
-    return info.Env().Undefined();
+    const int slot = static_cast<int>(integer(info[2], "slot"));
+    return withTrainer(info, [&](auto& t) -> Napi::Value {
+      t.zeroGrad(slot);
+      return info.Env().Undefined();
+    });
   });
 }
 
 // trainGetLoraState(trainer, handle, slot) → {rank, scaling, modules: {name: {a, b, ma, va, mb, vb}}} (copies)
 Napi::Value trainGetLoraState(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
-    const qk::engine::LoraSlot& s = trainerOf(info).slotState(static_cast<int>(integer(info[2], "slot")));
+    const int slot = static_cast<int>(integer(info[2], "slot"));
+    const qk::engine::LoraSlot& s =
+        *withTrainer(info, [&](auto& t) -> const qk::engine::LoraSlot* { return &t.slotState(slot); });
     Napi::Env env = info.Env();
     Napi::Object r = Napi::Object::New(env);
     r.Set("rank", s.rank);
@@ -240,7 +265,6 @@ Napi::Value trainGetLoraState(const Napi::CallbackInfo& info) {
 // trainSetLoraState(trainer, handle, slot, state)
 Napi::Value trainSetLoraState(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
-    qk::engine::LoraTrainer& t = trainerOf(info);
     const int slot = static_cast<int>(integer(info[2], "slot"));
     Napi::Object st = obj(info[3], "state");
     const int rank = static_cast<int>(intOf(st, "rank", "state"));
@@ -257,8 +281,10 @@ Napi::Value trainSetLoraState(const Napi::CallbackInfo& info) {
         bad("setLoraState: module " + name + ": the moments must have the sizes of a and b");
       map[name] = {a.data, b.data, ma.data, va.data, mb.data, vb.data, a.length, b.length};
     }
-    t.setState(slot, rank, map);
-    return info.Env().Undefined();
+    return withTrainer(info, [&](auto& t) -> Napi::Value {
+      t.setState(slot, rank, map);
+      return info.Env().Undefined();
+    });
   });
 }
 

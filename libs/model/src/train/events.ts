@@ -14,8 +14,8 @@ export interface StartEvent {
   trainableParameters: number;
   /** Step the run continues from (0 for a fresh run). */
   resumedFromStep: number;
-  /** Where training runs: LoRA training is CPU only (a CUDA model refuses it, docs/cuda.md §6). */
-  device: "cpu";
+  /** Where training runs: the device of the engine (docs/cuda.md §7 for CUDA). */
+  device: "cpu" | "cuda";
   dataset: { kinds: string[]; examples: number; truncated: number; dropped: number; targetTokens: number };
 }
 

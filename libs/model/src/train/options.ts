@@ -47,6 +47,12 @@ export interface TrainOptions {
   evalSteps?: number;
   packing?: boolean;
   quant?: "nf4" | "none";
+  /**
+   * Where the engine trains (a model the caller passes in trains where it lives): "cpu" (default),
+   * "cuda" (FailedPrecondition naming the reason when CUDA is not available) or "auto" (CUDA when
+   * available, else the CPU). The start event reports the device used.
+   */
+  device?: "auto" | "cpu" | "cuda";
   /** Continue from the newest checkpoint in `out` (a fresh start when there is none). */
   resume?: boolean;
   /** Recompute activations in backward (prepare_model_for_kbit_training's default). */
@@ -86,6 +92,7 @@ export interface ResolvedOptions {
   evalSteps: number;
   packing: boolean;
   quant: "nf4" | "none";
+  device: "auto" | "cpu" | "cuda";
   resume: boolean;
   gradientCheckpointing: boolean;
   baseModelName: string;
@@ -117,6 +124,7 @@ export const DEFAULTS = {
   saveTotalLimit: 1,
   loggingSteps: 5,
   quant: "nf4" as const,
+  device: "cpu" as const,
   beta1: 0.9,
   beta2: 0.999,
   eps: 1e-8,
@@ -168,6 +176,10 @@ export function resolveOptions(o: TrainOptions): ResolvedOptions {
   const evalSteps = int("eval steps", o.evalSteps, saveSteps > 0 ? saveSteps : loggingSteps, 1);
   const quant = o.quant ?? DEFAULTS.quant;
   if (quant !== "nf4" && quant !== "none") throw new InvalidArgument(`quant must be nf4 or none, got ${String(quant)}`);
+  const device = o.device ?? DEFAULTS.device;
+  if (device !== "auto" && device !== "cpu" && device !== "cuda") {
+    throw new InvalidArgument(`device must be auto, cpu or cuda, got ${String(device)}`);
+  }
   const slot = int("slot", o.slot, 0, 0);
   const evalData = o.evalData === undefined || o.evalData === "" ? undefined : o.evalData;
   return {
@@ -197,6 +209,7 @@ export function resolveOptions(o: TrainOptions): ResolvedOptions {
     evalSteps,
     packing: o.packing ?? false,
     quant,
+    device,
     resume: o.resume ?? false,
     gradientCheckpointing: o.gradientCheckpointing ?? true,
     baseModelName: o.baseModelName ?? model,

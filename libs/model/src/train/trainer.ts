@@ -18,6 +18,7 @@ import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { Cancelled, FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
 import { parseModelConfig, readJsonFile, type LoraConfigInput, type ModelConfig } from "@qlora/formats";
+import { resolveDevice } from "@qlora/kernels";
 import {
   dataTokenizer,
   deriveSeed,
@@ -57,7 +58,13 @@ export interface TrainModel {
   config: ModelConfig;
 }
 
-export type ModelLoader = (dir: string, quant: "nf4" | "none") => Promise<TrainModel>;
+/** Loads the base for training on `device` (resolved: "auto" has become cpu or cuda). */
+export type ModelLoader = (dir: string, quant: "nf4" | "none", device: "cpu" | "cuda") => Promise<TrainModel>;
+
+/** Where a training engine runs: NativeModel.device ("cuda" for the CUDA engine); anything else trains on the CPU. */
+function engineDevice(engine: unknown): "cpu" | "cuda" {
+  return (engine as { device?: unknown } | null)?.device === "cuda" ? "cuda" : "cpu";
+}
 
 export interface TrainHooks {
   /** Called for every event, synchronously, in order. */
@@ -118,11 +125,13 @@ export async function train(options: TrainOptions, hooks: TrainHooks = {}): Prom
   let model = hooks.model;
   let owned: { dispose(): void } | undefined;
   if (!model) {
-    // Check what depends only on config.json before spending time on the weights.
+    // "cuda" without a usable device fails here (FailedPrecondition naming the reason), and "auto"
+    // picks CUDA when available; then what depends only on config.json, before the weights.
+    const device = resolveDevice(o.device);
     await precheckModel(o);
-    if (hooks.loadModel) model = await hooks.loadModel(o.model, o.quant);
+    if (hooks.loadModel) model = await hooks.loadModel(o.model, o.quant, device);
     else {
-      const m = await loadTrainModel(o.model, o.quant);
+      const m = await loadTrainModel(o.model, o.quant, device);
       model = m;
       owned = m.loaded;
     }
@@ -270,7 +279,7 @@ async function runTraining(o: ResolvedOptions, model: TrainModel, hooks: TrainHo
     evalRows: evalDs ? evalDs.rows.length : null,
     trainableParameters: trainable,
     resumedFromStep,
-    device: "cpu",
+    device: engineDevice(model.engine),
     dataset: {
       kinds: ds.kinds,
       examples: ds.stats.examples,

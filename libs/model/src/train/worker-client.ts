@@ -22,7 +22,7 @@ import type { TrainResult } from "./trainer.js";
 export interface WorkerHooks {
   onEvent?: (e: TrainEvent) => void;
   signal?: AbortSignal;
-  /** File URL of a module exporting `loadTrainModel(dir, quant)`; default: the runtime's loader. */
+  /** File URL of a module exporting `loadTrainModel(dir, quant, device)`; default: the runtime's loader. */
   loaderModule?: string;
 }
 

@@ -2,7 +2,7 @@
  * worker_threads entry that runs `train` off the main thread. Protocol (structured-clone messages):
  *   parent → worker  workerData { options: TrainOptions, loaderModule?: string }, then { type: "cancel" }
  *   worker → parent  { type: "event", event } …, finally { type: "result", result } or { type: "error", error }
- * `loaderModule` (a file URL) may export `loadTrainModel(dir, quant)` to supply the model; by default
+ * `loaderModule` (a file URL) may export `loadTrainModel(dir, quant, device)` to supply the model; by default
  * the runtime's loader is used. Use `trainInWorker` (worker-client.ts) rather than this file directly.
  */
 import { parentPort, workerData } from "node:worker_threads";

@@ -39,6 +39,7 @@ export interface TrainCallOptions {
   evalSteps?: number;
   packing: boolean;
   quant: "nf4" | "none";
+  device: "cpu" | "cuda";
   resume: boolean;
   gradientCheckpointing: boolean;
   baseModelName: string;
@@ -80,6 +81,7 @@ export function trainOptionsFor(spec: JobRunSpec): TrainCallOptions {
     ...(o.evalSteps !== undefined ? { evalSteps: o.evalSteps } : {}),
     packing: o.packing,
     quant: o.quant,
+    device: o.device,
     resume: spec.resume,
     gradientCheckpointing: o.gradientCheckpointing,
     baseModelName: spec.baseModelName,
