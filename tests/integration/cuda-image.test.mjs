@@ -93,6 +93,8 @@ describe("the GPU image (Dockerfile.cuda) on a machine without a GPU", { skip, t
     });
     const done = await waitForJob(c, job.id, (j) => [JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED].includes(j.state), 6 * 60_000, "an end");
     assert.equal(done.state, JobState.SUCCEEDED, `${done.error}\n${trainer.tail()}`);
+    // `--device auto` resolved to the CPU here, and the job says where it ran.
+    assert.equal(done.device, proto.Device.CPU);
     const store = await s3Store(PREFIX);
     assert.ok((await store.verify("adapters", "lines-cuda-image")).ok);
   });
