@@ -12,9 +12,11 @@ namespace {
 constexpr int kRowThreads = 256;
 
 // ---- norms: one block per row, fp32 reductions in a fixed order ------------------------------
+// The forward kernels may run in place (y == x: the engine's OPT post-LN, model_cuda.cu), so x and y
+// are not __restrict__; each element is read and then written by the same thread after the last
+// reduction's barrier, so in place is race-free.
 __global__ void __launch_bounds__(kRowThreads)
-    rmsNormKernel(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int64_t dim,
-                  float eps) {
+    rmsNormKernel(const float* x, const float* __restrict__ w, float* y, int64_t dim, float eps) {
   __shared__ float red[32];
   const float* xr = x + blockIdx.x * dim;
   float ss = 0.f;
@@ -26,8 +28,8 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 __global__ void __launch_bounds__(kRowThreads)
-    layerNormKernel(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                    float* __restrict__ y, int64_t dim, float eps) {
+    layerNormKernel(const float* x, const float* __restrict__ w, const float* __restrict__ b, float* y, int64_t dim,
+                    float eps) {
   __shared__ float red[32];
   const float* xr = x + blockIdx.x * dim;
   float s = 0.f;
@@ -149,7 +151,8 @@ __device__ __forceinline__ float actForward(int a, float x) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
-__global__ void activationKernel(int act, const float* __restrict__ x, float* __restrict__ y, int64_t n) {
+// no __restrict__: the engine runs it in place (y == x, model_cuda.cu's OPT fc1)
+__global__ void activationKernel(int act, const float* x, float* y, int64_t n) {
   QK_GRID_STRIDE(i, n) y[i] = actForward(act, x[i]);
 }
 __global__ void gatedActivationKernel(int act, const float* gate, const float* up, float* y, int64_t n) {
@@ -187,8 +190,9 @@ __global__ void dropoutKernel(const float* x, float* y, int64_t n, uint32_t thr,
     const uint64_t e = static_cast<uint64_t>(i);
     const uint32_t bits = fmix32(fmix32(static_cast<uint32_t>(e) ^ static_cast<uint32_t>(key)) +
                                  (static_cast<uint32_t>(e >> 32) ^ static_cast<uint32_t>(key >> 32)));
-    const float v = x[i] * (bits >= thr ? inv : 0.f);
-    y[i] = accumulate ? y[i] + v : v;
+    // explicit _rn: nvcc would contract y + x·mask into one FMA, the CPU rounds the product first
+    const float v = __fmul_rn(x[i], bits >= thr ? inv : 0.f);
+    y[i] = accumulate ? __fadd_rn(y[i], v) : v;
   }
 }
 

@@ -494,6 +494,7 @@ void CudaModel::forward(const RowSpec* rows, int nRows, bool allLogits, float* l
       } catch (...) {
         cudaStreamEndCapture(st, &graph);  // leaves capture mode; the partial graph is discarded
         if (graph) cudaGraphDestroy(graph);
+        cudaGetLastError();  // an invalidated capture's error must not resurface at the next launch check
         throw;
       }
       QK_CUDA_CHECK(cudaStreamEndCapture(st, &graph));

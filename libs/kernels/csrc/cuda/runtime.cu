@@ -7,6 +7,10 @@
 namespace qk::cuda {
 
 void throwCuda(cudaError_t e, const char* what, const char* file, int line) {
+  // A failed runtime call also sets the thread's last error: clear it, or a caught, non-sticky failure
+  // (an out-of-memory cudaMalloc reported as RESOURCE_EXHAUSTED) would be thrown again by the next
+  // launch's cudaGetLastError (QK_CUDA_LAUNCHED). Sticky errors are reported again anyway.
+  cudaGetLastError();
   const char* base = std::strrchr(file, '/');
   throw Error(std::string("CUDA error ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ") in " + what +
               " at " + (base ? base + 1 : file) + ":" + std::to_string(line));

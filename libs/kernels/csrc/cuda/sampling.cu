@@ -179,7 +179,9 @@ __global__ void __launch_bounds__(kSampleThreads) sampleKernel(SampleArgs a) {
   // 3. temperature: unnormalised probabilities e^{l/T − l_best/T} <= 1, as fixed point
   const float shiftV = L[best] * a.invT;
   auto mass = [&](int64_t i) -> u64 {
-    const float p = expf(L[i] * a.invT - shiftV);
+    // the CPU's two roundings (prob_i = l_i·invT stored, then e^{prob_i − shift}): nvcc would
+    // otherwise contract the product and the difference into one FMA
+    const float p = expf(__fsub_rn(__fmul_rn(L[i], a.invT), shiftV));
     return __double2ull_rd(static_cast<double>(p) * 1099511627776.0);  // · 2⁴⁰
   };
   auto one = [](int64_t) -> u64 { return 1; };
