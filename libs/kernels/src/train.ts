@@ -141,6 +141,24 @@ for (const [name, fn] of Object.entries(methods)) {
   Object.defineProperty(NativeModel.prototype, name, { value: fn, writable: true, configurable: true, enumerable: false });
 }
 
+// dispose() also frees the model's trainer at once: its activation workspaces and (on CUDA) device
+// buffers are native memory the garbage collector does not see, so waiting for it to collect the
+// trainer could hold gigabytes after the model is gone. The model goes first, so nothing still points
+// at a CUDA slot's A / B when the trainer frees them.
+const disposeModel = NativeModel.prototype.dispose;
+Object.defineProperty(NativeModel.prototype, "dispose", {
+  value: function dispose(this: NativeModel): void {
+    disposeModel.call(this);
+    const t = trainers.get(this);
+    if (t === undefined) return;
+    trainers.delete(this);
+    native.trainRelease(t);
+  },
+  writable: true,
+  configurable: true,
+  enumerable: false,
+});
+
 /** The training kernels, exposed for tests and benchmarks (fresh output arrays unless noted). */
 export const trainOps = {
   /** dx of y = RMSNorm(x)·w (w frozen) */

@@ -146,6 +146,22 @@ Napi::Value trainCreate(const Napi::CallbackInfo& info) {
   });
 }
 
+// trainRelease(trainer): frees the trainer's state now — LoRA slots, gradients, moments, activation
+// workspaces, device buffers — instead of when the garbage collector finalises the handle (it is
+// called right after the model's dispose, so no live model still points at a CUDA slot's A / B). Every
+// later call with this handle is FAILED_PRECONDITION.
+Napi::Value trainRelease(const Napi::CallbackInfo& info) {
+  return guarded(info, [&]() -> Napi::Value {
+    if (!info[0].IsExternal()) bad("training: bad trainer handle");
+    TrainerHandle* t = info[0].As<Napi::External<TrainerHandle>>().Data();
+    t->cpu.reset();
+#ifdef QLORA_WITH_CUDA
+    t->cuda.reset();
+#endif
+    return info.Env().Undefined();
+  });
+}
+
 // trainInitLora(trainer, handle, slot, {rank, alpha, useRslora, dropout, targets, seed})
 Napi::Value trainInitLora(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
@@ -574,6 +590,7 @@ Napi::Value trainOpAdamw(const Napi::CallbackInfo& info) {
 }  // namespace
 
 QK_EXPORT("trainCreate", trainCreate);
+QK_EXPORT("trainRelease", trainRelease);
 QK_EXPORT("trainInitLora", trainInitLora);
 QK_EXPORT("trainForwardBackward", trainForwardBackward);
 QK_EXPORT("trainEvalLoss", trainEvalLoss);
