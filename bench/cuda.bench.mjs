@@ -42,15 +42,31 @@ const peak = bf16Peak(dev.name);
 console.log(`device: ${dev.name}, cc ${dev.computeCapability}, ${(dev.totalMemory / 2 ** 30).toFixed(0)} GiB, ` +
   `${dev.multiprocessors} SMs, CUDA runtime ${info.runtimeVersion}, driver ${info.driverVersion}, bf16 peak ${peak ?? "?"} TFLOP/s`);
 
-const out = { device: dev.name, peakTflops: peak, rows: [] };
+// The JSON is rewritten after every row, and each section (kernels, engine, training) runs on its own:
+// a GPU run is short and scarce, so a section that throws, crashes the process later or hits
+// gpu-check's timeout must not take the figures measured before it along.
+const out = { device: dev.name, peakTflops: peak, rows: [], errors: [] };
+const save = () => jsonFile && writeFileSync(jsonFile, JSON.stringify(out, null, 1));
 const row = (name, value, unit, note = "") => {
   out.rows.push({ name, value, unit, note });
+  save();
   console.log(`${name.padEnd(44)} ${value.toFixed(value >= 100 ? 0 : 2).padStart(10)} ${unit.padEnd(9)} ${note}`);
 };
+async function section(name, fn) {
+  try {
+    await fn();
+  } catch (e) {
+    out.errors.push({ section: name, message: String(e?.message ?? e).split("\n")[0] });
+    save();
+    console.log(`${name}: FAILED\n${e?.stack ?? e}`);
+  }
+}
 
 const engineOnly = args.includes("--engine-only");
-if (!engineOnly) kernelRows();
-await engineRows();
+save();
+if (!engineOnly) await section("kernels", kernelRows);
+await section("engine", engineRows);
+await section("training", () => trainRows(PRESETS["llama-3.2-1b"]));
 
 function kernelRows() {
 const copy = cudaOps.bench("copy", { bytes: 1 << 30, iters: 10 });
@@ -195,7 +211,6 @@ async function engineRows() {
   const g = m.cudaGraphStats();
   console.log(`graphs captured ${g.captured}, replayed ${g.launches}`);
   for (const x of models) x.dispose();
-  trainRows(hf);
 }
 
 /**
@@ -268,4 +283,5 @@ function trainRows(hf) {
   m.dispose();
 }
 
-if (jsonFile) writeFileSync(jsonFile, JSON.stringify(out, null, 1));
+save();
+if (out.errors.length) process.exitCode = 1;

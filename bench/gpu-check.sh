@@ -52,6 +52,7 @@ node --input-type=module -e '
   console.log(`device: ${b.device} (bf16 peak ${b.peakTflops ?? "?"} TFLOP/s)`);
   console.log("| benchmark | value | unit | note |\n|---|---|---|---|");
   for (const r of b.rows) console.log(`| ${r.name} | ${r.value.toFixed(r.value >= 100 ? 0 : 2)} | ${r.unit} | ${r.note} |`);
+  for (const e of b.errors ?? []) console.log(`benchmark section ${e.section} FAILED: ${e.message}`);
 ' "$work/bench.json" "$pass" "$failn" "$skipped" "$test_rc" "$bench_rc"
 echo "total: $(($(date +%s) - start)) s"
 [ "$test_rc" = 0 ] || fail "GPU tests (exit $test_rc)"
