@@ -32,6 +32,8 @@ using qk::napi::coded::bad;
 using qk::napi::coded::f32;
 using qk::napi::coded::fail;
 using qk::napi::coded::i32;
+using qk::napi::coded::integerArg;
+using qk::napi::coded::integerOf;
 using qk::napi::coded::num;
 using qk::napi::coded::Typed;
 
@@ -48,14 +50,9 @@ const float* optF32(const Napi::Value& v, size_t need, const std::string& what) 
   return a.data;
 }
 
-int64_t integer(const Napi::Value& v, const std::string& what) {
-  if (!v.IsNumber()) bad(what + " must be an integer");
-  const double d = v.As<Napi::Number>().DoubleValue();
-  if (d != std::floor(d) || std::fabs(d) > 9007199254740991.0) bad(what + " must be an integer");
-  return static_cast<int64_t>(d);
-}
+int64_t integer(const Napi::Value& v, const std::string& what) { return integerArg<int64_t>(v, what); }
 int64_t intOf(const Napi::Object& o, const char* key, const std::string& what) {
-  return integer(o.Get(key), what + "." + key);
+  return integerOf<int64_t>(o, key, what);
 }
 bool boolOf(const Napi::Object& o, const char* key, const std::string& what) {
   Napi::Value v = o.Get(key);
