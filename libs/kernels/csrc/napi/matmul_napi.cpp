@@ -59,15 +59,30 @@ qk::WeightView weightArgs(const Napi::CallbackInfo& info, size_t i) {
   return w;
 }
 
+// The arguments of linear and linearInt8: (x, M, dtype, data, absmax, blocksize, N, K, bias|null, out,
+// accumulate), checked against the weight's shape.
+struct LinearCall {
+  int64_t M;
+  qk::WeightView w;
+  float *x, *bias, *out;
+  bool accumulate;
+};
+LinearCall linearArgs(const Napi::CallbackInfo& info) {
+  LinearCall c;
+  c.M = intArg(info[1], "M");
+  c.w = weightArgs(info, 2);
+  c.x = f32Of(info[0], c.M * c.w.cols, "x");
+  c.bias = f32Of(info[8], c.w.rows, "bias", true);
+  c.out = f32Of(info[9], c.M * c.w.rows, "out");
+  c.accumulate = info[10].ToBoolean().Value();
+  return c;
+}
+
 // linear(x, M, dtype, data, absmax, blocksize, N, K, bias|null, out, accumulate)
 Napi::Value linear(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
-    const int64_t M = intArg(info[1], "M");
-    qk::WeightView w = weightArgs(info, 2);
-    float* x = f32Of(info[0], M * w.cols, "x");
-    float* bias = f32Of(info[8], w.rows, "bias", true);
-    float* out = f32Of(info[9], M * w.rows, "out");
-    qk::linearForward(x, M, w, bias, out, info[10].ToBoolean().Value());
+    const LinearCall c = linearArgs(info);
+    qk::linearForward(c.x, c.M, c.w, c.bias, c.out, c.accumulate);
     return info.Env().Undefined();
   });
 }
@@ -76,13 +91,9 @@ Napi::Value linear(const Napi::CallbackInfo& info) {
 // int8-activation path ran (false: the shape fell back to the exact linear)
 Napi::Value linearInt8(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
-    const int64_t M = intArg(info[1], "M");
-    qk::WeightView w = weightArgs(info, 2);
-    float* x = f32Of(info[0], M * w.cols, "x");
-    float* bias = f32Of(info[8], w.rows, "bias", true);
-    float* out = f32Of(info[9], M * w.rows, "out");
-    qk::linearForwardInt8(x, M, w, bias, out, info[10].ToBoolean().Value());
-    return Napi::Boolean::New(info.Env(), qk::int8DecodeApplies(M, w) && w.rows > 0);
+    const LinearCall c = linearArgs(info);
+    qk::linearForwardInt8(c.x, c.M, c.w, c.bias, c.out, c.accumulate);
+    return Napi::Boolean::New(info.Env(), qk::int8DecodeApplies(c.M, c.w) && c.w.rows > 0);
   });
 }
 
