@@ -172,8 +172,10 @@ async function main() {
     }
     image = `qlora-it:${RUN}`;
     const tag = image;
+    // --network host: the builds' RUN steps (apt, npm ci) reach Debian's and npm's registries without the
+    // engine's NAT rules, which a dockerd started with --iptables=false (.ci/run's fallback) does not have.
     await step("build the image (deploy/docker/Dockerfile, BuildKit)", () =>
-      runLogged(DOCKER, ["build", "--progress=plain", "-f", "deploy/docker/Dockerfile", "-t", tag, "."], {
+      runLogged(DOCKER, ["build", "--progress=plain", "--network", "host", "-f", "deploy/docker/Dockerfile", "-t", tag, "."], {
         env: { ...process.env, DOCKER_BUILDKIT: "1" },
         logFile: join(LOG_DIR, "build.log"),
       }),
@@ -209,7 +211,7 @@ async function main() {
     await step("build the GPU image (deploy/docker/Dockerfile.cuda, BuildKit)", () =>
       runLogged(
         DOCKER,
-        ["build", "--progress=plain", "-f", "deploy/docker/Dockerfile.cuda", "-t", tag,
+        ["build", "--progress=plain", "--network", "host", "-f", "deploy/docker/Dockerfile.cuda", "-t", tag,
           "--build-arg", `CUDA_BUILD_IMAGE=${toolkit}`, "--build-arg", "CUDA_RUNTIME_IMAGE=node:20-bookworm-slim", "."],
         { env: { ...process.env, DOCKER_BUILDKIT: "1" }, logFile: join(LOG_DIR, "build-cuda.log") },
       ),
