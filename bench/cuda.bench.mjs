@@ -95,9 +95,21 @@ for (const [inF, outF] of [[2048, 2048], [2048, 8192]]) {
 
 const dec = cudaOps.bench("attentionDecode", { ctx: 1024, batch: 1, nHeads: 32, nKvHeads: 8, headDim: 64, iters: 50 });
 row("attention decode ctx=1024 (32/8 heads, hd 64)", dec.ms * 1000, "us", `${dec.kvGBps.toFixed(0)} GB/s of KV`);
-const tr = cudaOps.bench("attentionTrain", { B: 8, T: 512, nHeads: 32, nKvHeads: 8, headDim: 64, iters: 3 });
-row("attention train fwd 8x512 (one layer)", tr.forwardMs, "ms");
-row("attention train bwd 8x512 (one layer)", tr.backwardMs, "ms");
+// training attention, one layer of the 1B shape: the flash kernels (TF32 tensor cores, what training
+// uses) and the SIMT fp32 kernels. TFLOP/s of the causal work: QKᵀ and PV = 2 units forward, 5 backward
+// (QKᵀ recomputed, dP, dQ, dK, dV; the kernels' second recomputation in the dK/dV pass not counted).
+const attnUnit = 2 * 8 * 64 * ((512 * 513) / 2) * 32;
+for (const [kernel, flash] of [["flash", 1], ["SIMT", 0]]) {
+  try {
+    const tr = cudaOps.bench("attentionTrain", { B: 8, T: 512, nHeads: 32, nKvHeads: 8, headDim: 64, iters: 3, flash });
+    row(`attention train fwd 8x512 (one layer, ${kernel})`, tr.forwardMs, "ms", `${((2 * attnUnit) / (tr.forwardMs * 1e9)).toFixed(1)} TFLOP/s`);
+    row(`attention train bwd 8x512 (one layer, ${kernel})`, tr.backwardMs, "ms", `${((5 * attnUnit) / (tr.backwardMs * 1e9)).toFixed(1)} TFLOP/s`);
+  } catch (e) {
+    out.errors.push({ section: `attention train (${kernel})`, message: String(e?.message ?? e).split("\n")[0] });
+    save();
+    console.log(`attention train (${kernel}): FAILED: ${e?.message ?? e}`);
+  }
+}
 
 // Decode-step floor of the frozen linears alone (Llama-3.2-1B: 16 layers, hidden 2048, MLP 8192,
 // 8 kv heads × 64, NF4 lm_head 128256 × 2048): Σ GEMV times. Not an engine measurement.

@@ -123,11 +123,14 @@ export const cudaOps = {
     headDim: number, scale: number, offsetRows: Int32Array | null = null): Float32Array {
     return call(() => native.cudaTestAttention(q, k, v, pos, nHeads, nKvHeads, headDim, scale, offsetRows));
   },
-  /** Same arguments and results as trainOps.attention. */
+  /**
+   * Same arguments and results as trainOps.attention. kernel: "flash" (tensor cores, TF32 operands; headDim 32/64/128),
+   * "simt" (fp32) or "auto" (flash where it applies, what training uses).
+   */
   attentionTrain(q: Float32Array, k: Float32Array, v: Float32Array, B: number, T: number, start: Int32Array, nHeads: number,
-    nKvHeads: number, headDim: number, scale: number, dout: Float32Array | null,
+    nKvHeads: number, headDim: number, scale: number, dout: Float32Array | null, kernel: "auto" | "simt" | "flash" = "auto",
   ): { out: Float32Array; lse: Float32Array; dq?: Float32Array; dk?: Float32Array; dv?: Float32Array } {
-    return call(() => native.cudaTestAttentionTrain(q, k, v, B, T, start, nHeads, nKvHeads, headDim, scale, dout));
+    return call(() => native.cudaTestAttentionTrain(q, k, v, B, T, start, nHeads, nKvHeads, headDim, scale, dout, kernel));
   },
   softmaxCrossEntropy(logits: Float32Array, rows: number, V: number, labels: Int32Array, gradScale: number): { loss: Float64Array; dlogits: Float32Array } {
     return call(() => native.cudaTestSoftmaxCrossEntropy(logits, rows, V, labels, gradScale));

@@ -316,19 +316,34 @@ gpuTest("attention over KV caches (prefill + decode, GQA, several sequences) mat
   }
 });
 
-gpuTest("training attention (packed segments, GQA): out, lse, dq, dk, dv match trainOps.attention", () => {
+/** Rows split into segments at the given cut positions (positions restart: start[i] = the segment's first t). */
+function segmentStarts(B: number, T: number, cutsOf: (b: number) => number[]): Int32Array {
+  const start = new Int32Array(B * T);
+  for (let b = 0; b < B; b++) {
+    const cuts = cutsOf(b);
+    let s = 0;
+    for (let t = 0; t < T; t++) {
+      if (cuts.includes(t)) s = t;
+      start[b * T + t] = s;
+    }
+  }
+  return start;
+}
+const relL2 = (got: Float32Array, want: Float32Array) => {
+  let d = 0, w = 0;
+  for (let i = 0; i < want.length; i++) d += (got[i]! - want[i]!) ** 2, w += want[i]! ** 2;
+  return Math.sqrt(d / Math.max(w, 1e-30));
+};
+
+gpuTest("training attention, SIMT kernels (packed segments, GQA): out, lse, dq, dk, dv match trainOps.attention", () => {
   const r = rng(10);
   for (const [B, T, nh, nkv, hd] of [[1, 1, 1, 1, 4], [2, 13, 4, 2, 8], [3, 37, 6, 3, 10], [1, 70, 4, 1, 64]]) {
     const N = B! * T!, scale = 1 / Math.sqrt(hd!);
     // segments: each row split at a random point (positions restart)
-    const start = new Int32Array(N);
-    for (let b = 0; b < B!; b++) {
-      const cut = Math.floor(r() * T!);
-      for (let t = 0; t < T!; t++) start[b * T! + t] = t < cut ? 0 : cut;
-    }
+    const start = segmentStarts(B!, T!, () => [Math.floor(r() * T!)]);
     const q = rand(N * nh! * hd!, r, -2, 2), k = rand(N * nkv! * hd!, r, -2, 2), v = rand(N * nkv! * hd!, r), dout = rand(N * nh! * hd!, r);
     const want = trainOps.attention(q, k, v, B!, T!, start, nh!, nkv!, hd!, scale, dout);
-    const got = cudaOps.attentionTrain(q, k, v, B!, T!, start, nh!, nkv!, hd!, scale, dout);
+    const got = cudaOps.attentionTrain(q, k, v, B!, T!, start, nh!, nkv!, hd!, scale, dout, "simt");
     const what = `B=${B} T=${T} nh=${nh} nkv=${nkv} hd=${hd}`;
     assertClose(got.out, want.out, () => 2e-5 * (maxAbs(want.out) + 1), `out ${what}`);
     assertClose(got.lse, want.lse, relTol(want.lse, 2e-6, 2e-6), `lse ${what}`);
@@ -337,6 +352,53 @@ gpuTest("training attention (packed segments, GQA): out, lse, dq, dk, dv match t
       assertClose(got[key]!, w, () => 1e-5 * Math.sqrt(T! * (nh! / nkv!)) * (maxAbs(w) + 1), `${key} ${what}`);
     }
   }
+});
+
+// The flash kernels round q, k, v, dout and the probabilities to TF32 (relative 2⁻¹¹): a score moves by
+// up to scale·2⁻¹⁰·Σ|q_e·k_e|, so elementwise bounds follow from that; the gradients are checked by their
+// relative L2 error (TF32 noise is ~5e-4 on these data, a wrong mask or tile bound is O(1)).
+gpuTest("training attention, flash kernels (tensor cores; odd T, tiles straddling segments, GQA) match trainOps.attention", () => {
+  const r = rng(12);
+  const cases: [number, number, number, number, number, (b: number) => number[]][] = [
+    [1, 1, 1, 1, 64, () => []],
+    [2, 77, 4, 2, 32, (b) => (b === 0 ? [30] : [])],
+    [1, 130, 4, 1, 64, () => [5, 70, 129]],
+    [1, 200, 2, 1, 32, () => [63, 64, 128]],
+    [3, 64, 2, 2, 128, (b) => [b * 20]],
+    [2, 300, 8, 2, 64, () => [Math.floor(r() * 300), 250]],
+  ];
+  for (const [B, T, nh, nkv, hd, cutsOf] of cases) {
+    const N = B * T, scale = 1 / Math.sqrt(hd);
+    const start = segmentStarts(B, T, cutsOf);
+    const q = rand(N * nh * hd, r, -2, 2), k = rand(N * nkv * hd, r, -2, 2), v = rand(N * nkv * hd, r), dout = rand(N * nh * hd, r);
+    const want = trainOps.attention(q, k, v, B, T, start, nh, nkv, hd, scale, dout);
+    let got;
+    try {
+      got = cudaOps.attentionTrain(q, k, v, B, T, start, nh, nkv, hd, scale, dout, "flash");
+    } catch (e) {
+      // hd 128's backward needs ~167 KB of shared memory per block: sm_90 has it, sm_80 does not
+      if (hd === 128 && /shared memory/.test(String(e))) continue;
+      throw e;
+    }
+    const what = `B=${B} T=${T} nh=${nh} nkv=${nkv} hd=${hd}`;
+    const dS = 2 * scale * 2 ** -10 * hd * maxAbs(q) * maxAbs(k);  // score error bound
+    assertClose(got.out, want.out, () => maxAbs(v) * (2 * dS + 2 ** -9), `out ${what}`);
+    assertClose(got.lse, want.lse, () => dS + 1e-5 * (maxAbs(want.lse) + 1), `lse ${what}`);
+    assert.ok(relL2(got.out, want.out) < 2e-3, `out ${what}: relative L2 ${relL2(got.out, want.out)}`);
+    // one token: dq = dk = 0 exactly on the CPU, TF32 leaves a residue of dp − D (no relative measure)
+    for (const key of T === 1 ? (["dv"] as const) : (["dq", "dk", "dv"] as const)) {
+      const e = relL2(got[key]!, want[key]!);
+      assert.ok(e < 5e-3, `${key} ${what}: relative L2 error ${e}`);
+    }
+    // auto takes the flash kernels for this shape: the same bits
+    const auto = cudaOps.attentionTrain(q, k, v, B, T, start, nh, nkv, hd, scale, dout);
+    assert.deepEqual(auto.dk, got.dk, `auto = flash ${what}`);
+  }
+  // shapes the flash kernels do not take: forcing them is an InvalidArgument, auto falls back to SIMT
+  const q = rand(8 * 2 * 48, r), k = rand(8 * 48, r), start = new Int32Array(8);
+  assert.throws(() => cudaOps.attentionTrain(q, k, k, 1, 8, start, 2, 1, 48, 0.1, null, "flash"), /headDim 32, 64 or 128/);
+  const simt = cudaOps.attentionTrain(q, k, k, 1, 8, start, 2, 1, 48, 0.1, null, "simt");
+  assert.deepEqual(cudaOps.attentionTrain(q, k, k, 1, 8, start, 2, 1, 48, 0.1, null).out, simt.out);
 });
 
 gpuTest("softmax cross-entropy (loss and in-place gradient) matches a float64 reference", () => {

@@ -7,10 +7,11 @@
 // so a dot product is 8 FMAs per lane and a 5-step shuffle reduction; each warp takes groups of 4
 // consecutive keys (4 independent reductions in flight) interleaved with the other warps, keeps an
 // online softmax (running max, sum, weighted v), and the 4 warp states are merged in a fixed order:
-// deterministic, no atomics. This is the SIMT version (correctness first, and a decode kernel that
-// needs no workspace); a tensor-core flash-attention kernel is the next step for long prefill/training.
+// deterministic, no atomics. This is the SIMT version: fp32 throughout, any headDim, the decode kernel
+// (no workspace); training takes the tensor-core flash kernels of attention_flash.cu where they apply.
 #include <cfloat>
 
+#include "cuda/attention_flash.cuh"
 #include "cuda/common.cuh"
 
 namespace qk::cuda {
@@ -281,6 +282,15 @@ unsigned blocksOf(int64_t n) {
   return static_cast<unsigned>(n);
 }
 
+// Flash for this call? (kernel choice, shape, alignment and the device's shared memory)
+bool useFlash(AttentionKernel kernel, const AttentionShape& s, int64_t B, int64_t T,
+              std::initializer_list<const void*> ptrs) {
+  if (kernel == AttentionKernel::Simt) return false;
+  const char* why = flash::unsupportedReason(s, B, T, ptrs);
+  if (why && kernel == AttentionKernel::Flash) checkArg(false, why);
+  return why == nullptr;
+}
+
 }  // namespace
 
 void attentionForward(const AttentionShape& s, const float* q, const float* kCache, const float* vCache,
@@ -293,9 +303,16 @@ void attentionForward(const AttentionShape& s, const float* q, const float* kCac
 }
 
 void attentionTrainForward(const AttentionShape& s, int64_t B, int64_t T, const int32_t* start, const float* q,
-                           const float* k, const float* v, float* out, float* lse, Stream stream) {
+                           const float* k, const float* v, float* out, float* lse, Stream stream,
+                           AttentionKernel kernel) {
   checkShape(s);
   if (B <= 0 || T <= 0) return;
+  if (useFlash(kernel, s, B, T, {q, k, v})) {  // the float4-loaded inputs
+    flash::Args f{q, k, v, start, out, lse, nullptr, nullptr, nullptr, nullptr, nullptr,
+                  s.nHeads, s.nKvHeads, s.headDim, s.scale, T};
+    flash::trainForward(f, B, stream);
+    return;
+  }
   AttnArgs a{q, k, v, out, lse, s.nHeads, s.nKvHeads, s.headDim, s.scale, nullptr, nullptr, T, start};
   attentionForwardKernel<true><<<blocksOf(B * T * s.nHeads), kAttnWarps * 32, 0, cs(stream)>>>(a);
   QK_CUDA_LAUNCHED();
@@ -303,13 +320,19 @@ void attentionTrainForward(const AttentionShape& s, int64_t B, int64_t T, const 
 
 void attentionTrainBackward(const AttentionShape& s, int64_t B, int64_t T, const int32_t* start, const float* q,
                             const float* k, const float* v, const float* out, const float* lse, const float* dout,
-                            float* dq, float* dk, float* dv, Workspace& ws, Stream stream) {
+                            float* dq, float* dk, float* dv, Workspace& ws, Stream stream, AttentionKernel kernel) {
   checkShape(s);
   if (B <= 0 || T <= 0) return;
   const int64_t N = B * T;
   float* D = ws.get<float>(0, static_cast<size_t>(N * s.nHeads));
   attentionDKernel<<<gridFor(N * s.nHeads * 32, 256), 256, 0, cs(stream)>>>(dout, out, N * s.nHeads, s.headDim, D);
   QK_CUDA_LAUNCHED();
+  if (useFlash(kernel, s, B, T, {q, k, v, dout})) {
+    flash::Args f{q, k, v, start, nullptr, const_cast<float*>(lse), dout, D, dq, dk, dv,
+                  s.nHeads, s.nKvHeads, s.headDim, s.scale, T};
+    flash::trainBackward(f, B, stream);
+    return;
+  }
   AttnArgs a{q, k, v, nullptr, const_cast<float*>(lse), s.nHeads, s.nKvHeads, s.headDim, s.scale, nullptr, nullptr,
              T, start};
   attentionDqKernel<<<blocksOf(N * s.nHeads), kAttnWarps * 32, 0, cs(stream)>>>(a, dout, D, dq);

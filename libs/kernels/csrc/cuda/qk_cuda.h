@@ -205,13 +205,22 @@ void scaleInPlace(float* x, float s, int64_t n, Stream stream = nullptr);
 // positions 0..pos[t]. q, out: [T, nHeads·hd]. headDim <= 256.
 void attentionForward(const AttentionShape& s, const float* q, const float* kCache, const float* vCache,
                       const int64_t* kvOffset, const int32_t* pos, int64_t T, float* out, Stream stream = nullptr);
+// Which kernels the training attention runs. Flash: tensor-core tiles (attention_flash.cu; q, k, v,
+// dout and the probabilities rounded to TF32, fp32 accumulation and softmax) for headDim 32 / 64 / 128
+// with 16-byte aligned buffers, where the device has the shared memory (hd 128 backward: ~167 KB per
+// block, so sm_90 but not sm_80); Simt: fp32 throughout (any headDim <= 256); Auto: Flash where it
+// applies, else Simt. Forcing Flash where it does not apply is invalid_argument.
+enum class AttentionKernel { Auto, Simt, Flash };
 // Training: B rows × T positions, token i = b·T+t sees row positions start[i]..t; lse [N, nHeads].
+// start never decreases along a row (segments of packed sequences).
 void attentionTrainForward(const AttentionShape& s, int64_t B, int64_t T, const int32_t* start, const float* q,
-                           const float* k, const float* v, float* out, float* lse, Stream stream = nullptr);
+                           const float* k, const float* v, float* out, float* lse, Stream stream = nullptr,
+                           AttentionKernel kernel = AttentionKernel::Auto);
 // dq, dk, dv overwritten; deterministic (each output row reduced by one block in a fixed order).
 void attentionTrainBackward(const AttentionShape& s, int64_t B, int64_t T, const int32_t* start, const float* q,
                             const float* k, const float* v, const float* out, const float* lse, const float* dout,
-                            float* dq, float* dk, float* dv, Workspace& ws, Stream stream = nullptr);
+                            float* dq, float* dk, float* dv, Workspace& ws, Stream stream = nullptr,
+                            AttentionKernel kernel = AttentionKernel::Auto);
 
 // ---- loss ---------------------------------------------------------------------------------------
 // qk::softmaxCrossEntropy: loss[r] (device float64) = logsumexp(z_r) − z_r[label]; with grad the logits

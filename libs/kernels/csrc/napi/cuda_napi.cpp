@@ -422,12 +422,21 @@ Napi::Value testAttention(const Napi::CallbackInfo& info) {
   });
 }
 
-// cudaTestAttentionTrain(q, k, v, B, T, start, nHeads, nKvHeads, headDim, scale, dout|null)
-//   -> {out, lse, dq?, dk?, dv?}   (the arguments of trainOpAttention)
+cu::AttentionKernel attentionKernelArg(const Napi::Value& v) {
+  const std::string k = v.IsString() ? v.As<Napi::String>().Utf8Value() : "auto";
+  if (k == "auto") return cu::AttentionKernel::Auto;
+  if (k == "simt") return cu::AttentionKernel::Simt;
+  if (k == "flash") return cu::AttentionKernel::Flash;
+  throw std::invalid_argument("attention kernel must be auto, simt or flash");
+}
+
+// cudaTestAttentionTrain(q, k, v, B, T, start, nHeads, nKvHeads, headDim, scale, dout|null, kernel?)
+//   -> {out, lse, dq?, dk?, dv?}   (the arguments of trainOpAttention; kernel: auto | simt | flash)
 Napi::Value testAttentionTrain(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
     cu::requireDevice();
     Napi::Env env = info.Env();
+    const cu::AttentionKernel kernel = attentionKernelArg(info[11]);
     const int64_t B = intArg(info[3], "B"), T = intArg(info[4], "T");
     const qk::AttentionShape s = shapeOf(info, 6);
     const size_t N = static_cast<size_t>(B * T);
@@ -438,7 +447,7 @@ Napi::Value testAttentionTrain(const Napi::CallbackInfo& info) {
     cu::Buffer q = upF32(info[0], nq, "q"), k = upF32(info[1], nk, "k"), v = upF32(info[2], nk, "v");
     cu::Buffer st = up(start, N), out(nq * 4), lse(N * s.nHeads * 4);
     cu::attentionTrainForward(s, B, T, st.as<int32_t>(), q.as<float>(), k.as<float>(), v.as<float>(), out.as<float>(),
-                              lse.as<float>());
+                              lse.as<float>(), nullptr, kernel);
     Napi::Object r = Napi::Object::New(env);
     r.Set("out", downF32(env, out, nq));
     r.Set("lse", downF32(env, lse, N * s.nHeads));
@@ -447,7 +456,7 @@ Napi::Value testAttentionTrain(const Napi::CallbackInfo& info) {
       cu::Workspace ws;
       cu::attentionTrainBackward(s, B, T, st.as<int32_t>(), q.as<float>(), k.as<float>(), v.as<float>(),
                                  out.as<float>(), lse.as<float>(), dout.as<float>(), dq.as<float>(), dk.as<float>(),
-                                 dv.as<float>(), ws);
+                                 dv.as<float>(), ws, nullptr, kernel);
       r.Set("dq", downF32(env, dq, nq));
       r.Set("dk", downF32(env, dk, nk));
       r.Set("dv", downF32(env, dv, nk));
@@ -686,17 +695,19 @@ Napi::Value bench(const Napi::CallbackInfo& info) {
         cu::Buffer q = up(qs.data(), nq), k = up(ks.data(), nk), v = up(ks.data(), nk), st = up(start.data(), start.size()),
                    out(nq * 4), lse(static_cast<size_t>(B * T * nh) * 4), dq(nq * 4), dk(nk * 4), dv(nk * 4);
         cu::Workspace ws;
+        // flash: 1 = the tensor-core kernels (an error where they do not apply), 0 = SIMT
+        const cu::AttentionKernel kernel = optNum(o, "flash", 1) != 0 ? cu::AttentionKernel::Flash : cu::AttentionKernel::Simt;
         const double fms = cu::timeMs(
             [&] {
               cu::attentionTrainForward(s, B, T, st.as<int32_t>(), q.as<float>(), k.as<float>(), v.as<float>(),
-                                        out.as<float>(), lse.as<float>());
+                                        out.as<float>(), lse.as<float>(), nullptr, kernel);
             },
             iters);
         const double bms = cu::timeMs(
             [&] {
               cu::attentionTrainBackward(s, B, T, st.as<int32_t>(), q.as<float>(), k.as<float>(), v.as<float>(),
                                          out.as<float>(), lse.as<float>(), q.as<float>(), dq.as<float>(), dk.as<float>(),
-                                         dv.as<float>(), ws);
+                                         dv.as<float>(), ws, nullptr, kernel);
             },
             iters);
         r.Set("forwardMs", fms);
