@@ -177,7 +177,11 @@ async function engineRows() {
   } else {
     const cfg = engineConfig(hf), weights = randomWeights(hf);
     models.push(new NativeModel(cfg, weights, { device: "cuda", maxSequences, maxContext }));
+    // the eager twin also keeps prefill attention on the SIMT kernel (read when a model is made): its
+    // prefill row is the flash kernel's baseline
+    process.env.QLORA_CUDA_FLASH_PREFILL = "0";
     models.push(new NativeModel(cfg, weights, { device: "cuda", maxSequences, maxContext, cudaGraphs: false }));
+    delete process.env.QLORA_CUDA_FLASH_PREFILL;
     source = "random NF4 in memory";
   }
   const [m, eager] = models;
@@ -209,17 +213,28 @@ async function engineRows() {
   }
   const tps8 = decode(m, 8, 100);
   row("engine decode batch 8 (1B, CUDA graphs)", tps8, "tok/s", `${((8 * 1000) / tps8).toFixed(3)} ms/step`);
-  // prefill: one 512-token row on a fresh sequence (bf16 tensor-core GEMMs), best of 3
-  const long = Int32Array.from({ length: 512 }, (_, i) => (i * 104729 + 11) % V);
-  let best = Infinity;
-  for (let rep = 0; rep < 3; rep++) {
-    const seq = m.createSequence();
-    const ts = performance.now();
-    m.forward([{ seq, tokens: long, adapter: -1 }], { out });
-    best = Math.min(best, performance.now() - ts);
-    m.dropSequence(seq);
+  // prefill: one row of n tokens on a fresh sequence (bf16 tensor-core GEMMs; attention on the flash
+  // kernel, or SIMT on the eager twin), best of 3
+  const prefill = (model, n) => {
+    const long = Int32Array.from({ length: n }, (_, i) => (i * 104729 + 11) % V);
+    let best = Infinity;
+    for (let rep = 0; rep < 3; rep++) {
+      const seq = model.createSequence();
+      const ts = performance.now();
+      model.forward([{ seq, tokens: long, adapter: -1 }], { out });
+      best = Math.min(best, performance.now() - ts);
+      model.dropSequence(seq);
+    }
+    return best;
+  };
+  for (const n of [512, 1024]) {
+    const best = prefill(m, n);
+    row(`engine prefill ${n} tokens (1B, flash attention)`, (n * 1000) / best, "tok/s", `${best.toFixed(1)} ms`);
+    if (eager) {
+      const e = prefill(eager, n);
+      row(`engine prefill ${n} tokens (1B, SIMT attention)`, (n * 1000) / e, "tok/s", `${e.toFixed(1)} ms`);
+    }
   }
-  row("engine prefill 512 tokens (1B)", (512 * 1000) / best, "tok/s", `${best.toFixed(1)} ms`);
   const g = m.cudaGraphStats();
   console.log(`graphs captured ${g.captured}, replayed ${g.launches}`);
   for (const x of models) x.dispose();

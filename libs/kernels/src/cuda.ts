@@ -118,10 +118,13 @@ export const cudaOps = {
   gatedActivation(kind: ActivationKind, gate: Float32Array, up: Float32Array, dy: Float32Array): { y: Float32Array; dgate: Float32Array; dup: Float32Array } {
     return call(() => native.cudaTestGatedActivation(kind, gate, up, dy));
   },
-  /** Inference attention over KV caches: token t reads rows offsetRows[t].. (default 0) up to pos[t]. */
+  /**
+   * Inference attention over KV caches: token t reads rows offsetRows[t].. (default 0) up to pos[t]. kernel "flash":
+   * the engine's prefill plan (runs of > 8 tokens of one cache at consecutive positions on the flash kernel, TF32).
+   */
   attention(q: Float32Array, k: Float32Array, v: Float32Array, pos: Int32Array, nHeads: number, nKvHeads: number,
-    headDim: number, scale: number, offsetRows: Int32Array | null = null): Float32Array {
-    return call(() => native.cudaTestAttention(q, k, v, pos, nHeads, nKvHeads, headDim, scale, offsetRows));
+    headDim: number, scale: number, offsetRows: Int32Array | null = null, kernel: "simt" | "flash" = "simt"): Float32Array {
+    return call(() => native.cudaTestAttention(q, k, v, pos, nHeads, nKvHeads, headDim, scale, offsetRows, kernel));
   },
   /**
    * Same arguments and results as trainOps.attention. kernel: "flash" (tensor cores, TF32 operands; headDim 32/64/128),

@@ -18,7 +18,7 @@ import { FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted } from
 import { NativeModel } from "../src/index.js";
 import type { EngineAdapter } from "../src/index.js";
 import { rng } from "./random.js";
-import { LLAMA, LLAMA_ODD, OPT_POST, OPT_PRE, assertClose, disposeAll, gpuTest, ids, info, makeModel, pair, rand, type Shape } from "./cuda-fixtures.js";
+import { LLAMA, LLAMA_HD32, LLAMA_ODD, OPT_POST, OPT_PRE, assertClose, disposeAll, gpuTest, ids, info, makeModel, pair, rand, type Shape } from "./cuda-fixtures.js";
 
 const FP32_TOL = 2e-4;
 const BF16_TOL = 2 ** -7 * 4;
@@ -99,6 +99,30 @@ gpuTest("CUDA llama nf4: long prefill (bf16 GEMM), allLogits, within the bf16 bo
   const got = gpu.forward([{ seq: gpu.createSequence(), tokens: tok, adapter: -1 }], { allLogits: true });
   assertClose(got, want, BF16_TOL, "allLogits");
   disposeAll(cpu, gpu);
+});
+
+gpuTest("CUDA llama hd 32: prefill rows on the flash attention kernel (several tiles, a continuation chunk) = CPU within the bf16 bound", () => {
+  const { cfg, weights } = makeModel(LLAMA_HD32, "nf4", 21);
+  const opts = { maxSequences: 2, maxContext: 160 };
+  const cpu = new NativeModel(cfg, weights, { ...opts, device: "cpu" });
+  const gpu = new NativeModel(cfg, weights, { ...opts, device: "cuda" });
+  const saved = process.env.QLORA_CUDA_FLASH_PREFILL;
+  process.env.QLORA_CUDA_FLASH_PREFILL = "0";  // read when a model is made: this one keeps prefill on SIMT
+  const simt = new NativeModel(cfg, weights, { ...opts, device: "cuda" });
+  if (saved === undefined) delete process.env.QLORA_CUDA_FLASH_PREFILL;
+  else process.env.QLORA_CUDA_FLASH_PREFILL = saved;
+  const seqs = [cpu, gpu, simt].map((m) => m.createSequence());
+  // a 137-token prompt (tiles of 64, 64, 9), a 20-token continuation (a tile at positions 137..156), a decode step
+  for (const [what, tok] of [["prompt", ids(137, LLAMA_HD32.V, 7)], ["continuation", ids(20, LLAMA_HD32.V, 8)], ["decode", ids(1, LLAMA_HD32.V, 9)]] as const) {
+    const [want, got, ref] = [cpu, gpu, simt].map((m, i) => m.forward([{ seq: seqs[i]!, tokens: tok, adapter: -1 }], { allLogits: true }));
+    assertClose(got!, want!, BF16_TOL, `flash ${what}`);
+    assertClose(ref!, want!, BF16_TOL, `SIMT ${what}`);
+    if (what !== "decode") assert.notDeepEqual(got, ref, `${what}: the flash kernel ran (TF32 differs from SIMT fp32 in some bits)`);
+  }
+  const text = ids(150, LLAMA_HD32.V, 10);  // crossEntropy's private prefill takes the flash kernel too
+  const ce = [cpu, gpu].map((m) => m.crossEntropy(text, -1));
+  assert.ok(Math.abs(ce[1]!.loss - ce[0]!.loss) <= BF16_TOL * Math.abs(ce[0]!.loss), `crossEntropy ${ce[1]!.loss} vs ${ce[0]!.loss}`);
+  disposeAll(cpu, gpu, simt);
 });
 
 gpuTest("CUDA: a mixed batch with 2 adapters + base = each row alone, and = the CPU batch", () => {

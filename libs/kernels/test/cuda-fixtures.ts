@@ -33,20 +33,22 @@ export function tensor(a: Float32Array, shape: number[], dtype: DType): WeightTe
 export interface Shape {
   arch: "llama" | "opt";
   H: number; I: number; L: number; nh: number; nkv: number; hd: number; V: number;
-  tied?: boolean; preLN?: boolean; bias?: boolean;
+  tied?: boolean; preLN?: boolean; bias?: boolean; maxPositions?: number;
 }
 export const LLAMA: Shape = { arch: "llama", H: 64, I: 96, L: 2, nh: 4, nkv: 2, hd: 16, V: 97 };
 // K not a multiple of 32 anywhere (generic GEMV), hd 12, MHA, biases on q/k/v
 export const LLAMA_ODD: Shape = { arch: "llama", H: 36, I: 50, L: 2, nh: 3, nkv: 3, hd: 12, V: 61, bias: true, tied: true };
 export const OPT_PRE: Shape = { arch: "opt", H: 64, I: 128, L: 2, nh: 4, nkv: 4, hd: 16, V: 83, tied: true, preLN: true };
 export const OPT_POST: Shape = { ...OPT_PRE, preLN: false };
+// head_dim 32 and 160 positions: prefill rows take the flash attention kernel (tiles of 64 queries)
+export const LLAMA_HD32: Shape = { arch: "llama", H: 96, I: 128, L: 2, nh: 3, nkv: 1, hd: 32, V: 89, maxPositions: 160 };
 
 export function makeModel(s: Shape, dtype: DType, seed: number): { cfg: EngineConfig; weights: Record<string, WeightTensor> } {
   const r = rng(seed);
   const opt = s.arch === "opt";
   const cfg: EngineConfig = {
     arch: s.arch, hiddenSize: s.H, intermediateSize: s.I, numLayers: s.L, numHeads: s.nh, numKvHeads: s.nkv,
-    headDim: s.hd, vocabSize: s.V, maxPositions: 64, normEps: 1e-5, ropeTheta: 10000, ropeScaling: null,
+    headDim: s.hd, vocabSize: s.V, maxPositions: s.maxPositions ?? 64, normEps: 1e-5, ropeTheta: 10000, ropeScaling: null,
     hiddenAct: opt ? "relu" : "silu", tiedEmbeddings: s.tied ?? false, qkvBias: opt || (s.bias ?? false),
     oBias: opt, mlpBias: opt, doLayerNormBefore: s.preLN ?? true,
   };
@@ -61,7 +63,7 @@ export function makeModel(s: Shape, dtype: DType, seed: number): { cfg: EngineCo
   };
   w.embed_tokens = tensor(rand(s.V * s.H, r, 1), [s.V, s.H], dtype === "nf4" ? "f32" : dtype);
   if (!cfg.tiedEmbeddings) w.lm_head = tensor(rand(s.V * s.H, r, 1 / Math.sqrt(s.H)), [s.V, s.H], dtype);
-  if (opt) w.embed_positions = tensor(rand((64 + 2) * s.H, r, 0.5), [66, s.H], "f32");
+  if (opt) w.embed_positions = tensor(rand((cfg.maxPositions + 2) * s.H, r, 0.5), [cfg.maxPositions + 2, s.H], "f32");
   if (!opt || cfg.doLayerNormBefore) norm("norm", opt);
   const q = s.nh * s.hd, kv = s.nkv * s.hd;
   for (let l = 0; l < s.L; l++) {

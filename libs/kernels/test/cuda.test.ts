@@ -335,6 +335,46 @@ const relL2 = (got: Float32Array, want: Float32Array) => {
   return Math.sqrt(d / Math.max(w, 1e-30));
 };
 
+gpuTest("prefill attention on the flash kernel (the engine's plan: long runs in tiles, the rest SIMT) matches the CPU", () => {
+  const r = rng(13);
+  for (const [nh, nkv, hd] of [[4, 2, 64], [2, 1, 32], [4, 4, 128], [2, 1, 64]]) {
+    const kw = nkv! * hd!, scale = 1 / Math.sqrt(hd!), ctx = 150;
+    // three sequences' caches of ctx rows: a prefill of 137 tokens (3 tiles, the last partial), a
+    // decode token at position 90, a chunked-prefill continuation at positions 40..69 (a tile with
+    // pos0 > 0), and a short run of 5 tokens (SIMT)
+    const k = rand(3 * ctx * kw, r, -2, 2), v = rand(3 * ctx * kw, r);
+    const runs = [[0, 0, 137], [1, 90, 1], [2, 40, 30], [1, 91, 5]] as const;  // [sequence, first position, tokens]
+    const T = runs.reduce((n, [, , c]) => n + c, 0);
+    const pos = new Int32Array(T), off = new Int32Array(T);
+    let t = 0;
+    for (const [seq, p0, n] of runs) for (let i = 0; i < n; i++, t++) pos[t] = p0 + i, off[t] = seq * ctx;
+    const q = rand(T * nh! * hd!, r, -2, 2);
+    let got: Float32Array;
+    try {
+      got = cudaOps.attention(q, k, v, pos, nh!, nkv!, hd!, scale, off, "flash");
+    } catch (e) {
+      if (/shared memory/.test(String(e))) continue;  // hd 128 on a GPU without the shared memory
+      throw e;
+    }
+    const want = new Float32Array(got.length);
+    const qw = nh! * hd!;
+    t = 0;
+    for (const [seq, , n] of runs) {
+      const cache = (a: Float32Array) => a.subarray(seq * ctx * kw, (seq + 1) * ctx * kw);
+      want.set(engineOps.attention(q.subarray(t * qw, (t + n) * qw), cache(k), cache(v), pos.subarray(t, t + n), nh!, nkv!, hd!, scale), t * qw);
+      t += n;
+    }
+    const what = `prefill flash nh=${nh} nkv=${nkv} hd=${hd}`;
+    const dS = 2 * scale * 2 ** -10 * hd! * maxAbs(q) * 2;  // TF32 score error bound (|k| <= 2)
+    assertClose(got, want, () => maxAbs(v) * (2 * dS + 2 ** -9), what);
+    assert.ok(relL2(got, want) < 2e-3, `${what}: relative L2 ${relL2(got, want)}`);
+    // the SIMT tokens (decode + short run) are exactly the SIMT kernel's
+    const simt = cudaOps.attention(q, k, v, pos, nh!, nkv!, hd!, scale, off, "simt");
+    for (let i = 137 * qw; i < 138 * qw; i++) assert.equal(got[i], simt[i], `${what}: decode token = SIMT`);
+    for (let i = (T - 5) * qw; i < T * qw; i++) assert.equal(got[i], simt[i], `${what}: short run = SIMT`);
+  }
+});
+
 gpuTest("training attention, SIMT kernels (packed segments, GQA): out, lse, dq, dk, dv match trainOps.attention", () => {
   const r = rng(10);
   for (const [B, T, nh, nkv, hd] of [[1, 1, 1, 1, 4], [2, 13, 4, 2, 8], [3, 37, 6, 3, 10], [1, 70, 4, 1, 64]]) {

@@ -9,6 +9,7 @@
 // online softmax (running max, sum, weighted v), and the 4 warp states are merged in a fixed order:
 // deterministic, no atomics. This is the SIMT version: fp32 throughout, any headDim, the decode kernel
 // (no workspace); training takes the tensor-core flash kernels of attention_flash.cu where they apply.
+#include <algorithm>
 #include <cfloat>
 
 #include "cuda/attention_flash.cuh"
@@ -36,6 +37,8 @@ struct AttnArgs {
   // training mode
   int64_t T;
   const int32_t* start;
+  // cache mode: the tokens this launch takes (block b → token tokens[b / nh]); nullptr = all
+  const int32_t* tokens = nullptr;
 };
 
 // Keys of query token i: rows base + j·kw, j < n (base in elements, relative to k / v).
@@ -57,7 +60,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attentionForwardKernel(AttnAr
   __shared__ float sm[kAttnWarps], sl[kAttnWarps];
   __shared__ float so[kAttnWarps][32 * kMaxC];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t i = blockIdx.x / a.nh;
+  const int64_t i = (!kTrain && a.tokens) ? static_cast<int64_t>(a.tokens[blockIdx.x / a.nh]) : blockIdx.x / a.nh;
   const int h = static_cast<int>(blockIdx.x % a.nh), g = h / (a.nh / a.nkv);
   const int hd = a.hd, nc = (hd + 31) / 32;
   const int64_t kw = static_cast<int64_t>(a.nkv) * hd, qw = static_cast<int64_t>(a.nh) * hd;
@@ -283,10 +286,10 @@ unsigned blocksOf(int64_t n) {
 }
 
 // Flash for this call? (kernel choice, shape, alignment and the device's shared memory)
-bool useFlash(AttentionKernel kernel, const AttentionShape& s, int64_t B, int64_t T,
+bool useFlash(AttentionKernel kernel, const AttentionShape& s, int64_t B, int64_t T, bool backward,
               std::initializer_list<const void*> ptrs) {
   if (kernel == AttentionKernel::Simt) return false;
-  const char* why = flash::unsupportedReason(s, B, T, ptrs);
+  const char* why = flash::unsupportedReason(s, B, T, backward, ptrs);
   if (why && kernel == AttentionKernel::Flash) checkArg(false, why);
   return why == nullptr;
 }
@@ -294,12 +297,49 @@ bool useFlash(AttentionKernel kernel, const AttentionShape& s, int64_t B, int64_
 }  // namespace
 
 void attentionForward(const AttentionShape& s, const float* q, const float* kCache, const float* vCache,
-                      const int64_t* kvOffset, const int32_t* pos, int64_t T, float* out, Stream stream) {
+                      const int64_t* kvOffset, const int32_t* pos, int64_t T, float* out, Stream stream,
+                      const AttentionTiles* tiles) {
   checkShape(s);
   if (T <= 0) return;
   AttnArgs a{q, kCache, vCache, out, nullptr, s.nHeads, s.nKvHeads, s.headDim, s.scale, kvOffset, pos, 0, nullptr};
-  attentionForwardKernel<false><<<blocksOf(T * s.nHeads), kAttnWarps * 32, 0, cs(stream)>>>(a);
-  QK_CUDA_LAUNCHED();
+  const int64_t nSimt = tiles ? tiles->simtCount : T;
+  a.tokens = tiles ? tiles->simtTokens : nullptr;
+  if (nSimt > 0) {
+    attentionForwardKernel<false><<<blocksOf(nSimt * s.nHeads), kAttnWarps * 32, 0, cs(stream)>>>(a);
+    QK_CUDA_LAUNCHED();
+  }
+  if (tiles && tiles->count > 0) {
+    const char* why = flash::unsupportedReason(s, 1, 1, false, {q, kCache, vCache});
+    checkArg(why == nullptr, why ? why : "");
+    flash::prefill(flash::CacheArgs{q, kCache, vCache, out, *tiles, s.nHeads, s.nKvHeads, s.headDim, s.scale}, stream);
+  }
+}
+
+bool attentionTilesSupported(const AttentionShape& s) {
+  return flash::unsupportedReason(s, 1, 1, false, {}) == nullptr;
+}
+
+int64_t planAttentionTiles(const int64_t* kvOffset, const int32_t* pos, int64_t T, int32_t* tok0, int32_t* nq,
+                           int32_t* pos0, int64_t* tileKv, int32_t* simtTokens, int64_t* simtCount) {
+  int64_t tiles = 0, simt = 0;
+  for (int64_t t = 0; t < T;) {
+    int64_t e = t + 1;  // the run: same cache, positions + 1
+    while (e < T && kvOffset[e] == kvOffset[t] && pos[e] == pos[e - 1] + 1) ++e;
+    if (e - t > kAttentionTileMinRun) {
+      for (int64_t i = t; i < e; i += kAttentionTileRows) {
+        tok0[tiles] = static_cast<int32_t>(i);
+        nq[tiles] = static_cast<int32_t>(std::min<int64_t>(kAttentionTileRows, e - i));
+        pos0[tiles] = pos[i];
+        tileKv[tiles] = kvOffset[i];
+        ++tiles;
+      }
+    } else {
+      for (int64_t i = t; i < e; ++i) simtTokens[simt++] = static_cast<int32_t>(i);
+    }
+    t = e;
+  }
+  *simtCount = simt;
+  return tiles;
 }
 
 void attentionTrainForward(const AttentionShape& s, int64_t B, int64_t T, const int32_t* start, const float* q,
@@ -307,7 +347,7 @@ void attentionTrainForward(const AttentionShape& s, int64_t B, int64_t T, const 
                            AttentionKernel kernel) {
   checkShape(s);
   if (B <= 0 || T <= 0) return;
-  if (useFlash(kernel, s, B, T, {q, k, v})) {  // the float4-loaded inputs
+  if (useFlash(kernel, s, B, T, false, {q, k, v})) {  // the float4-loaded inputs
     flash::Args f{q, k, v, start, out, lse, nullptr, nullptr, nullptr, nullptr, nullptr,
                   s.nHeads, s.nKvHeads, s.headDim, s.scale, T};
     flash::trainForward(f, B, stream);
@@ -327,7 +367,7 @@ void attentionTrainBackward(const AttentionShape& s, int64_t B, int64_t T, const
   float* D = ws.get<float>(0, static_cast<size_t>(N * s.nHeads));
   attentionDKernel<<<gridFor(N * s.nHeads * 32, 256), 256, 0, cs(stream)>>>(dout, out, N * s.nHeads, s.headDim, D);
   QK_CUDA_LAUNCHED();
-  if (useFlash(kernel, s, B, T, {q, k, v, dout})) {
+  if (useFlash(kernel, s, B, T, true, {q, k, v, dout})) {
     flash::Args f{q, k, v, start, nullptr, const_cast<float*>(lse), dout, D, dq, dk, dv,
                   s.nHeads, s.nKvHeads, s.headDim, s.scale, T};
     flash::trainBackward(f, B, stream);

@@ -138,9 +138,25 @@ __device__ __forceinline__ void writeRows(float* dst, int64_t stride, const floa
 }
 
 // ---- forward ---------------------------------------------------------------------------------------
-// grid (query tiles, nh, B), heaviest (last) tiles first. out [N, nh·HD], lse [N, nh].
+// One block's tile: nq <= 64 consecutive queries of one head (query r at position p0 + r) over keys at
+// positions jBegin..jEnd of one kv head; query r sees keys start[r]..p0 + r (start: nullptr = 0).
+struct ForwardTile {
+  const float* q;  // query 0, head h; rows qStride apart (out the same)
+  float* out;
+  int64_t qStride;
+  const float* k;  // key position 0, kv head g; rows kStride apart (v the same)
+  const float* v;
+  int64_t kStride;
+  int64_t jBegin, jEnd, p0;
+  const int32_t* start;  // [nq] or nullptr
+  float* lse;            // [nq] lseStride apart, or nullptr
+  int64_t lseStride;
+  int nq;
+};
+
+// The forward of one tile by the whole block.
 template <int HD>
-__global__ void __launch_bounds__(kThreads) flashForwardKernel(Args a) {
+__device__ __forceinline__ void forwardTile(const ForwardTile& f, float scale) {
   using D = Dims<HD>;
   constexpr int LD = D::LD;
   extern __shared__ __align__(128) float smem[];
@@ -154,32 +170,26 @@ __global__ void __launch_bounds__(kThreads) flashForwardKernel(Args a) {
   int* rowStart = reinterpret_cast<int*>(rowInvL + kTile);  // [64] first key of each query (INT_MAX: padding)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t T = a.T, t0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kTile;
-  const int h = blockIdx.y, g = h / (a.nh / a.nkv);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.z) * T;  // token index of position 0 of this row
-  const int nq = static_cast<int>(T - t0 < kTile ? T - t0 : kTile);
-  const int64_t qw = static_cast<int64_t>(a.nh) * HD, kw = static_cast<int64_t>(a.nkv) * HD;
-
-  loadTile<HD>(Qs, a.q + (row0 + t0) * qw + h * HD, qw, nq);
+  const int nq = f.nq;
+  loadTile<HD>(Qs, f.q, f.qStride, nq);
   for (int i = threadIdx.x; i < kTile * LD; i += kThreads) Os[i] = 0.f;
-  for (int r = threadIdx.x; r < kTile; r += kThreads) rowStart[r] = r < nq ? a.start[row0 + t0 + r] : INT_MAX;
+  for (int r = threadIdx.x; r < kTile; r += kThreads) rowStart[r] = r < nq ? (f.start ? f.start[r] : 0) : INT_MAX;
   __syncthreads();
 
   // this lane's softmax row (local r) and half of the 64 columns; m, l kept by both lanes of the row
   const int r = warp * 16 + (lane >> 1), half = lane & 1;
-  const int64_t tq = t0 + r;
+  const int64_t tq = f.p0 + r;  // the query's position: its last visible key
   const int st = rowStart[r];
   float m = -INFINITY, l = 0.f;
-  float* Sw = Ss + warp * 16 * kLdS;   // the warp's [16][64] scores
-  float* Ow = Os + warp * 16 * LD;     // the warp's [16][HD] output rows
+  float* Sw = Ss + warp * 16 * kLdS;  // the warp's [16][64] scores
+  float* Ow = Os + warp * 16 * LD;    // the warp's [16][HD] output rows
   float* sr = Ss + r * kLdS + half * 32;
 
-  const int64_t jBegin = rowStart[0], jEnd = t0 + nq - 1;
-  for (int64_t j0 = jBegin; j0 <= jEnd; j0 += kTile) {
-    const int nk = static_cast<int>(jEnd - j0 + 1 < kTile ? jEnd - j0 + 1 : kTile);
+  for (int64_t j0 = f.jBegin; j0 <= f.jEnd; j0 += kTile) {
+    const int nk = static_cast<int>(f.jEnd - j0 + 1 < kTile ? f.jEnd - j0 + 1 : kTile);
     __syncthreads();  // every warp is done with the previous K, V
-    loadTile<HD>(Ks, a.k + (row0 + j0) * kw + g * HD, kw, nk);
-    loadTile<HD>(Vs, a.v + (row0 + j0) * kw + g * HD, kw, nk);
+    loadTile<HD>(Ks, f.k + j0 * f.kStride, f.kStride, nk);
+    loadTile<HD>(Vs, f.v + j0 * f.kStride, f.kStride, nk);
     __syncthreads();
     {  // S_w [16, 64] = Q_w [16, HD] · Kᵀ
       FragC s[kTile / 16];
@@ -188,12 +198,12 @@ __global__ void __launch_bounds__(kThreads) flashForwardKernel(Args a) {
       storeRows(Sw, kLdS, s);
     }
     __syncwarp();
-    // online softmax: key j = j0 + c is visible to query tq iff st <= j <= tq
+    // online softmax: key j = j0 + c is visible to the query iff st <= j <= tq
     float mx = -INFINITY;
 #pragma unroll 8
     for (int c = 0; c < 32; ++c) {
       const int64_t j = j0 + half * 32 + c;
-      const float x = (j >= st && j <= tq) ? sr[c] * a.scale : -INFINITY;
+      const float x = (j >= st && j <= tq) ? sr[c] * scale : -INFINITY;
       sr[c] = x;
       mx = fmaxf(mx, x);
     }
@@ -229,10 +239,59 @@ __global__ void __launch_bounds__(kThreads) flashForwardKernel(Args a) {
   // every real query saw itself, so l > 0; padding rows (l = 0) are never written
   if (half == 0) {
     rowInvL[r] = l > 0.f ? 1.f / l : 0.f;
-    if (r < nq) a.lse[(row0 + tq) * a.nh + h] = m + logf(l);
+    if (f.lse && r < nq) f.lse[r * f.lseStride] = m + logf(l);
   }
   __syncwarp();
-  writeRows<HD>(a.out + (row0 + t0) * qw + h * HD, qw, Os, warp, nq, rowInvL);
+  writeRows<HD>(f.out, f.qStride, Os, warp, nq, rowInvL);
+}
+
+// Training: grid (query tiles, nh, B), heaviest (last) tiles first. out [N, nh·HD], lse [N, nh].
+template <int HD>
+__global__ void __launch_bounds__(kThreads) flashForwardKernel(Args a) {
+  const int64_t T = a.T, t0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kTile;
+  const int h = blockIdx.y, g = h / (a.nh / a.nkv);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.z) * T;  // token index of position 0 of this row
+  const int64_t qw = static_cast<int64_t>(a.nh) * HD, kw = static_cast<int64_t>(a.nkv) * HD;
+  ForwardTile f;
+  f.nq = static_cast<int>(T - t0 < kTile ? T - t0 : kTile);
+  f.q = a.q + (row0 + t0) * qw + h * HD;
+  f.out = a.out + (row0 + t0) * qw + h * HD;
+  f.qStride = qw;
+  f.k = a.k + row0 * kw + g * HD;
+  f.v = a.v + row0 * kw + g * HD;
+  f.kStride = kw;
+  f.start = a.start + row0 + t0;
+  f.jBegin = f.start[0];  // starts never decrease along a row: the tile's first query reaches furthest back
+  f.jEnd = t0 + f.nq - 1;
+  f.p0 = t0;
+  f.lse = a.lse + (row0 + t0) * a.nh + h;
+  f.lseStride = a.nh;
+  forwardTile<HD>(f, a.scale);
+}
+
+// Prefill over KV caches: grid (tiles, nh); tile i = packed tokens tok0[i].. (nq[i] of them) at
+// positions pos0[i].. of the sequence whose cache starts at element kvOff[i]; keys 0..position.
+template <int HD>
+__global__ void __launch_bounds__(kThreads) flashPrefillKernel(CacheArgs a) {
+  const int64_t i = blockIdx.x;
+  const int h = blockIdx.y, g = h / (a.nh / a.nkv);
+  const int64_t qw = static_cast<int64_t>(a.nh) * HD, kw = static_cast<int64_t>(a.nkv) * HD;
+  const int64_t tok0 = a.tiles.tok0[i], pos0 = a.tiles.pos0[i], kv = a.tiles.kvOff[i];
+  ForwardTile f;
+  f.nq = a.tiles.nq[i];
+  f.q = a.q + tok0 * qw + h * HD;
+  f.out = a.out + tok0 * qw + h * HD;
+  f.qStride = qw;
+  f.k = a.kCache + kv + g * HD;
+  f.v = a.vCache + kv + g * HD;
+  f.kStride = kw;
+  f.start = nullptr;
+  f.jBegin = 0;
+  f.jEnd = pos0 + f.nq - 1;
+  f.p0 = pos0;
+  f.lse = nullptr;
+  f.lseStride = 0;
+  forwardTile<HD>(f, a.scale);
 }
 
 // ---- backward: dQ ------------------------------------------------------------------------------------
@@ -430,6 +489,15 @@ void launchForward(const Args& a, int64_t B, cudaStream_t st) {
 }
 
 template <int HD>
+void launchPrefill(const CacheArgs& a, cudaStream_t st) {
+  static std::once_flag once;
+  allowShared(flashPrefillKernel<HD>, Dims<HD>::forwardBytes, once);
+  const dim3 grid(static_cast<unsigned>(a.tiles.count), static_cast<unsigned>(a.nh));
+  flashPrefillKernel<HD><<<grid, kThreads, Dims<HD>::forwardBytes, st>>>(a);
+  QK_CUDA_LAUNCHED();
+}
+
+template <int HD>
 void launchBackward(const Args& a, int64_t B, cudaStream_t st) {
   static std::once_flag onceDq, onceDkDv;
   allowShared(flashDqKernel<HD>, Dims<HD>::backwardBytes, onceDq);
@@ -443,19 +511,20 @@ void launchBackward(const Args& a, int64_t B, cudaStream_t st) {
   QK_CUDA_LAUNCHED();
 }
 
-size_t sharedBytes(int hd) {
+size_t sharedBytes(int hd, bool backward) {
   switch (hd) {
-    case 32: return Dims<32>::backwardBytes;
-    case 64: return Dims<64>::backwardBytes;
-    case 128: return Dims<128>::backwardBytes;
+    case 32: return backward ? Dims<32>::backwardBytes : Dims<32>::forwardBytes;
+    case 64: return backward ? Dims<64>::backwardBytes : Dims<64>::forwardBytes;
+    case 128: return backward ? Dims<128>::backwardBytes : Dims<128>::forwardBytes;
     default: return 0;
   }
 }
 
 }  // namespace
 
-const char* unsupportedReason(const AttentionShape& s, int64_t B, int64_t T, std::initializer_list<const void*> ptrs) {
-  const size_t bytes = sharedBytes(s.headDim);
+const char* unsupportedReason(const AttentionShape& s, int64_t B, int64_t T, bool backward,
+                              std::initializer_list<const void*> ptrs) {
+  const size_t bytes = sharedBytes(s.headDim, backward);
   if (bytes == 0) return "the flash attention kernels take headDim 32, 64 or 128";
   if (B > 65535) return "the flash attention kernels take at most 65535 rows per batch";
   if (s.nHeads > 65535) return "the flash attention kernels take at most 65535 heads";
@@ -472,6 +541,17 @@ void trainForward(const Args& a, int64_t B, Stream stream) {
     case 32: return launchForward<32>(a, B, cs(stream));
     case 64: return launchForward<64>(a, B, cs(stream));
     case 128: return launchForward<128>(a, B, cs(stream));
+    default: checkArg(false, "flash attention: headDim must be 32, 64 or 128");
+  }
+}
+
+void prefill(const CacheArgs& a, Stream stream) {
+  if (a.tiles.count <= 0) return;
+  checkArg(a.tiles.count <= 0x7fffffffLL, "flash attention: too many prefill tiles");
+  switch (a.hd) {
+    case 32: return launchPrefill<32>(a, cs(stream));
+    case 64: return launchPrefill<64>(a, cs(stream));
+    case 128: return launchPrefill<128>(a, cs(stream));
     default: checkArg(false, "flash attention: headDim must be 32, 64 or 128");
   }
 }

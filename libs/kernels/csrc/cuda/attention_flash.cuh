@@ -27,10 +27,24 @@ struct Args {
   int64_t T;
 };
 
+// Prefill over KV caches (attentionForward's addressing), one block per (tile, head).
+struct CacheArgs {
+  const float* q;
+  const float* kCache;
+  const float* vCache;
+  float* out;
+  AttentionTiles tiles;  // device arrays
+  int nh, nkv, hd;
+  float scale;
+};
+
 // nullptr when the flash kernels take this call (headDim 32/64/128, 16-byte aligned inputs — q, k, v,
 // dout are read as float4; outputs are written by element —, enough
 // shared memory per block on the current device), else why not.
-const char* unsupportedReason(const AttentionShape& s, int64_t B, int64_t T, std::initializer_list<const void*> ptrs);
+// (backward: the backward kernels' shared memory, else the forward's).
+const char* unsupportedReason(const AttentionShape& s, int64_t B, int64_t T, bool backward,
+                              std::initializer_list<const void*> ptrs);
+void prefill(const CacheArgs& a, Stream stream);             // out of the tiles' tokens
 void trainForward(const Args& a, int64_t B, Stream stream);   // out, lse
 void trainBackward(const Args& a, int64_t B, Stream stream);  // dq, dk, dv (D computed by the caller)
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "cuda/common.cuh"
@@ -61,7 +62,7 @@ WeightView tableWeight(const TableView& t) {
   return w;
 }
 
-size_t metaBytes(int64_t cap) { return static_cast<size_t>(cap) * (sizeof(int64_t) + 3 * sizeof(int32_t)); }
+size_t metaBytes(int64_t cap) { return static_cast<size_t>(cap) * (2 * sizeof(int64_t) + 7 * sizeof(int32_t)); }
 
 }  // namespace
 
@@ -79,6 +80,10 @@ CudaModel::CudaModel(const ModelConfig& cfg, const TensorMap& weights, int maxSe
   kvDim_ = host_->kvDim_;
   slotFloats_ = static_cast<int64_t>(cfg_.layers) * maxCtx_ * kvDim_;
   if (cfg_.headDim > 256) throw EngineError("FAILED_PRECONDITION", "the CUDA engine supports headDim <= 256");
+  // prefill rows (> 8 tokens) through the flash kernel where it applies; QLORA_CUDA_FLASH_PREFILL=0
+  // keeps every token on the SIMT kernel (a switch for comparing the two)
+  const char* flashEnv = std::getenv("QLORA_CUDA_FLASH_PREFILL");
+  flashPrefill_ = !(flashEnv && std::string(flashEnv) == "0") && cuda::attentionTilesSupported(attentionShape());
   seqs_.resize(static_cast<size_t>(maxSeq_));
   cudaStream_t st = nullptr;
   QK_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -308,10 +313,32 @@ void CudaModel::ensureScratch(int64_t T, int64_t R, int rank) {
 CudaModel::Meta CudaModel::metaAt(void* base) const {
   Meta m;
   m.kvOff = static_cast<int64_t*>(base);
-  m.ids = reinterpret_cast<int32_t*>(m.kvOff + cap_);
+  m.tileKv = m.kvOff + cap_;
+  m.ids = reinterpret_cast<int32_t*>(m.tileKv + cap_);
   m.pos = m.ids + cap_;
   m.rowIdx = m.pos + cap_;
+  m.tileTok = m.rowIdx + cap_;
+  m.tileN = m.tileTok + cap_;
+  m.tilePos = m.tileN + cap_;
+  m.simtIdx = m.tilePos + cap_;
   return m;
+}
+
+AttentionShape CudaModel::attentionShape() const {
+  AttentionShape as;
+  as.nHeads = cfg_.heads;
+  as.nKvHeads = cfg_.kvHeads;
+  as.headDim = cfg_.headDim;
+  as.scale = cfg_.arch == Arch::Llama ? 1.f / std::sqrt(static_cast<float>(cfg_.headDim)) : 1.f;  // OPT scales q itself
+  return as;
+}
+
+void CudaModel::planAttention(const Meta& host, int64_t T, bool decode) {
+  nTiles_ = 0;
+  nSimt_ = T;
+  if (flashPrefill_ && !decode)
+    nTiles_ = cuda::planAttentionTiles(host.kvOff, host.pos, T, host.tileTok, host.tileN, host.tilePos, host.tileKv,
+                                       host.simtIdx, &nSimt_);
 }
 
 void CudaModel::invalidateGraphs() {
@@ -366,11 +393,9 @@ void CudaModel::runDecoder(int64_t T, float* kPool, float* vPool) {
   cuda::embeddingForward(embed_, m.ids, 0, T, x, false, stream_);
   if (!llama) cuda::embeddingForward(positions_, m.pos, 2, T, x, true, stream_);
 
-  AttentionShape as;
-  as.nHeads = c.heads;
-  as.nKvHeads = c.kvHeads;
-  as.headDim = c.headDim;
-  as.scale = llama ? 1.f / std::sqrt(static_cast<float>(hd)) : 1.f;  // OPT scales q itself
+  const AttentionShape as = attentionShape();
+  // prefill runs → flash tiles, the other tokens → SIMT (planAttention; none for decode steps)
+  const cuda::AttentionTiles tiles{m.tileTok, m.tileN, m.tilePos, m.tileKv, nTiles_, m.simtIdx, nSimt_};
   const int64_t layerStride = static_cast<int64_t>(maxCtx_) * kvDim_;
 
   for (int l = 0; l < c.layers; ++l) {
@@ -395,7 +420,7 @@ void CudaModel::runDecoder(int64_t T, float* kPool, float* vPool) {
     }
     // append k, v at each token's position in its sequence's cache, then attend over rows 0..pos
     cuda::kvCacheWrite(k, v, m.kvOff, m.pos, T, kvDim_, kc, vc, stream_);
-    cuda::attentionForward(as, q, kc, vc, m.kvOff, m.pos, T, att, stream_);  // att [T, qDim]
+    cuda::attentionForward(as, q, kc, vc, m.kvOff, m.pos, T, att, stream_, nTiles_ > 0 ? &tiles : nullptr);  // att [T, qDim]
     linear(l, LO, att, T, x, true);  // x += o_proj(att)
     if (!preLN) norm(L.norm1, x, x, T);
 
@@ -464,6 +489,7 @@ void CudaModel::forward(const RowSpec* rows, int nRows, bool allLogits, float* l
     }
     segments_.back().t1 = t;
   }
+  planAttention(m, T, decode);
   // the packed rows whose logits are returned, in the caller's row order
   int64_t o = 0;
   for (int i = 0; i < nRows; ++i) {
@@ -545,6 +571,7 @@ double CudaModel::crossEntropy(const int32_t* tokens, int64_t T, int adapter, in
     m.kvOff[t] = 0;
     if (t < M) m.rowIdx[t] = tokens[t + 1];  // the labels
   }
+  planAttention(m, T, false);
   cuda::copyHostToDevice(meta_.data(), metaHost_.data(), metaBytes(cap_), stream_);
   segments_.assign(1, Segment{adapter, 0, T});
   runDecoder(T, ceK_.as<float>(), ceV_.as<float>());

@@ -97,10 +97,12 @@ class CudaModel {
     size_t bytes = 0;
   };
   // Per-step token metadata: one pinned host block uploaded with one copy, the same layout on the
-  // device. kvOff[cap] (int64) | ids[cap] | pos[cap] | rowIdx[cap] (int32; crossEntropy: labels).
+  // device. kvOff[cap] | tileKv[cap] (int64) | ids[cap] | pos[cap] | rowIdx[cap] (crossEntropy: labels)
+  // | tileTok | tileN | tilePos | simtIdx [cap] (int32; the attention plan, cuda::AttentionTiles).
   struct Meta {
-    int64_t* kvOff;
+    int64_t *kvOff, *tileKv;
     int32_t *ids, *pos, *rowIdx;
+    int32_t *tileTok, *tileN, *tilePos, *simtIdx;
   };
 
   cuda::Buffer alloc(size_t bytes, const char* what);
@@ -112,6 +114,10 @@ class CudaModel {
   void ensureSlots(int slots);
   void ensureScratch(int64_t T, int64_t R, int rank);
   Meta metaAt(void* base) const;
+  AttentionShape attentionShape() const;
+  // Fills the attention plan of the T packed tokens in the host metadata (nTiles_, nSimt_): prefill
+  // runs to flash tiles when flashPrefill_, decode steps (graph-captured) always SIMT.
+  void planAttention(const Meta& host, int64_t T, bool decode);
   Seq& seqAt(int seq, const char* what);
   void checkAdapter(int adapter) const;
   void invalidateGraphs();
@@ -131,6 +137,8 @@ class CudaModel {
   int maxSeq_, maxCtx_;
   int64_t qDim_, kvDim_, slotFloats_;  // slotFloats_: layers · maxCtx · kvDim
   bool useGraphs_;
+  bool flashPrefill_ = false;           // prefill attention on the flash kernel (attentionTilesSupported)
+  int64_t nTiles_ = 0, nSimt_ = 0;      // the current step's attention plan (planAttention)
   cuda::Stream stream_ = nullptr;
 
   // weights

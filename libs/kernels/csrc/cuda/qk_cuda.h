@@ -200,11 +200,36 @@ void addInPlace(float* y, const float* x, int64_t n, Stream stream = nullptr);
 void scaleInPlace(float* x, float s, int64_t n, Stream stream = nullptr);
 
 // ---- attention (cpu/attention.h, cpu/backward.h) -----------------------------------------------
+// Prefill tiles for the flash kernel (attention_flash.cu): tile i = packed tokens tok0[i] ..
+// tok0[i] + nq[i] − 1 (nq <= kAttentionTileRows), consecutive positions pos0[i].. of the one sequence
+// whose cache starts at element kvOff[i]; simtTokens: the other tokens (for the SIMT kernel). Device
+// arrays, made on the host by planAttentionTiles.
+struct AttentionTiles {
+  const int32_t* tok0;
+  const int32_t* nq;
+  const int32_t* pos0;
+  const int64_t* kvOff;
+  int64_t count;
+  const int32_t* simtTokens;
+  int64_t simtCount;
+};
+constexpr int kAttentionTileRows = 64;
+constexpr int kAttentionTileMinRun = 8;  // runs longer than this (prefill) go to the flash kernel
 // Inference (prefill and decode) over KV caches: token t's sequence cache starts at element
 // kvOffset[t] of kCache / vCache (rows of nKvHeads·hd floats, position-major) and it attends to
-// positions 0..pos[t]. q, out: [T, nHeads·hd]. headDim <= 256.
+// positions 0..pos[t]. q, out: [T, nHeads·hd]. headDim <= 256. Without tiles every token runs the
+// SIMT kernel (fp32); with tiles (attentionTilesSupported) the tiles' tokens run the flash kernel
+// (TF32 tensor cores, as training's) and tiles->simtTokens the SIMT one.
 void attentionForward(const AttentionShape& s, const float* q, const float* kCache, const float* vCache,
-                      const int64_t* kvOffset, const int32_t* pos, int64_t T, float* out, Stream stream = nullptr);
+                      const int64_t* kvOffset, const int32_t* pos, int64_t T, float* out, Stream stream = nullptr,
+                      const AttentionTiles* tiles = nullptr);
+// Whether the flash prefill kernel takes this shape on the current device (headDim 32/64/128, shared memory).
+bool attentionTilesSupported(const AttentionShape& s);
+// Host: splits T packed tokens (host kvOffset / pos) into flash tiles — every maximal run of
+// consecutive tokens of one cache at consecutive positions longer than kAttentionTileMinRun, cut in
+// tiles of kAttentionTileRows — and the remaining tokens. Arrays of capacity T; returns the tile count.
+int64_t planAttentionTiles(const int64_t* kvOffset, const int32_t* pos, int64_t T, int32_t* tok0, int32_t* nq,
+                           int32_t* pos0, int64_t* tileKv, int32_t* simtTokens, int64_t* simtCount);
 // Which kernels the training attention runs. Flash: tensor-core tiles (attention_flash.cu; q, k, v,
 // dout and the probabilities rounded to TF32, fp32 accumulation and softmax) for headDim 32 / 64 / 128
 // with 16-byte aligned buffers, where the device has the shared memory (hd 128 backward: ~167 KB per

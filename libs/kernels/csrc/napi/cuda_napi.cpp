@@ -395,7 +395,16 @@ qk::AttentionShape shapeOf(const Napi::CallbackInfo& info, size_t i) {
   return s;
 }
 
-// cudaTestAttention(q, kCache, vCache, pos, nHeads, nKvHeads, headDim, scale, offsetRows|null) -> out
+cu::AttentionKernel attentionKernelArg(const Napi::Value& v) {
+  const std::string k = v.IsString() ? v.As<Napi::String>().Utf8Value() : "auto";
+  if (k == "auto") return cu::AttentionKernel::Auto;
+  if (k == "simt") return cu::AttentionKernel::Simt;
+  if (k == "flash") return cu::AttentionKernel::Flash;
+  throw std::invalid_argument("attention kernel must be auto, simt or flash");
+}
+
+// cudaTestAttention(q, kCache, vCache, pos, nHeads, nKvHeads, headDim, scale, offsetRows|null, kernel?) -> out
+//   (kernel "flash": the engine's prefill plan on the flash kernel; otherwise SIMT for every token)
 // Token t reads its sequence cache from row offsetRows[t] (default 0: one shared cache).
 Napi::Value testAttention(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
@@ -416,18 +425,29 @@ Napi::Value testAttention(const Napi::CallbackInfo& info) {
     const size_t nq = T * static_cast<size_t>(s.nHeads * s.headDim);
     cu::Buffer q = upF32(info[0], nq, "q"), k = upF32(info[1], ck, "k"), v = upF32(info[2], ck, "v");
     cu::Buffer dp = up(pos, T), doff = up(off.data(), T), o(nq * 4);
-    cu::attentionForward(s, q.as<float>(), k.as<float>(), v.as<float>(), doff.as<int64_t>(), dp.as<int32_t>(),
-                         static_cast<int64_t>(T), o.as<float>());
+    // kernel "flash": the engine's plan — runs of > 8 tokens of one cache at consecutive positions on
+    // the flash kernel, the rest on SIMT (an error where the flash kernel does not apply)
+    const cu::AttentionKernel kernel = attentionKernelArg(info[9]);
+    if (kernel == cu::AttentionKernel::Flash) {
+      if (!cu::attentionTilesSupported(s))
+        throw std::invalid_argument("the flash attention kernels take headDim 32, 64 or 128 (and this GPU's shared memory)");
+      std::vector<int32_t> tok0(T), nqs(T), pos0(T), simt(T);
+      std::vector<int64_t> tkv(T);
+      int64_t nSimt = 0;
+      const int64_t nt = cu::planAttentionTiles(off.data(), pos, static_cast<int64_t>(T), tok0.data(), nqs.data(),
+                                                pos0.data(), tkv.data(), simt.data(), &nSimt);
+      cu::Buffer a0 = up(tok0.data(), T), a1 = up(nqs.data(), T), a2 = up(pos0.data(), T), a3 = up(tkv.data(), T),
+                 a4 = up(simt.data(), T);
+      const cu::AttentionTiles tiles{a0.as<int32_t>(), a1.as<int32_t>(), a2.as<int32_t>(), a3.as<int64_t>(), nt,
+                                     a4.as<int32_t>(), nSimt};
+      cu::attentionForward(s, q.as<float>(), k.as<float>(), v.as<float>(), doff.as<int64_t>(), dp.as<int32_t>(),
+                           static_cast<int64_t>(T), o.as<float>(), nullptr, &tiles);
+    } else {
+      cu::attentionForward(s, q.as<float>(), k.as<float>(), v.as<float>(), doff.as<int64_t>(), dp.as<int32_t>(),
+                           static_cast<int64_t>(T), o.as<float>());
+    }
     return downF32(info.Env(), o, nq);
   });
-}
-
-cu::AttentionKernel attentionKernelArg(const Napi::Value& v) {
-  const std::string k = v.IsString() ? v.As<Napi::String>().Utf8Value() : "auto";
-  if (k == "auto") return cu::AttentionKernel::Auto;
-  if (k == "simt") return cu::AttentionKernel::Simt;
-  if (k == "flash") return cu::AttentionKernel::Flash;
-  throw std::invalid_argument("attention kernel must be auto, simt or flash");
 }
 
 // cudaTestAttentionTrain(q, k, v, B, T, start, nHeads, nKvHeads, headDim, scale, dout|null, kernel?)
