@@ -1,11 +1,14 @@
-/** Loads the compiled addon (build/Release/qlora_kernels.node) once per thread. */
+/**
+ * Loads the compiled addon (build/Release/qlora_kernels.node) once per thread. QLORA_KERNELS_ADDON names
+ * another build of it instead: the CUDA-emulator build (scripts/build-emu.mjs) for the GPU tests on a CPU.
+ */
 import { createRequire } from "node:module";
 import { existsSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
-const addonPath = join(packageRoot, "build", "Release", "qlora_kernels.node");
+const addonPath = process.env.QLORA_KERNELS_ADDON || join(packageRoot, "build", "Release", "qlora_kernels.node");
 
 function load(): any {
   if (!existsSync(addonPath)) {

@@ -372,6 +372,8 @@ gpuTest("prefill attention on the flash kernel (the engine's plan: long runs in 
     const simt = cudaOps.attention(q, k, v, pos, nh!, nkv!, hd!, scale, off, "simt");
     for (let i = 137 * qw; i < 138 * qw; i++) assert.equal(got[i], simt[i], `${what}: decode token = SIMT`);
     for (let i = (T - 5) * qw; i < T * qw; i++) assert.equal(got[i], simt[i], `${what}: short run = SIMT`);
+    // and the prompt's tokens did take the flash kernel (TF32 differs from SIMT fp32 in some bits)
+    assert.notDeepEqual(got.subarray(0, 137 * qw), simt.subarray(0, 137 * qw), `${what}: the flash kernel ran`);
   }
 });
 
@@ -416,8 +418,9 @@ gpuTest("training attention, flash kernels (tensor cores; odd T, tiles straddlin
     try {
       got = cudaOps.attentionTrain(q, k, v, B, T, start, nh, nkv, hd, scale, dout, "flash");
     } catch (e) {
-      // hd 128's backward needs ~167 KB of shared memory per block: sm_90 has it, sm_80 does not
-      if (hd === 128 && /shared memory/.test(String(e))) continue;
+      // the backward needs 103 KB (hd 64) / 167 KB (hd 128) of shared memory per block: sm_90 has both,
+      // sm_80 has 163 KB, sm_86/89 99 KB
+      if (/shared memory/.test(String(e))) continue;
       throw e;
     }
     const what = `B=${B} T=${T} nh=${nh} nkv=${nkv} hd=${hd}`;

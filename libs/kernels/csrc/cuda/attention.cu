@@ -325,7 +325,8 @@ int64_t planAttentionTiles(const int64_t* kvOffset, const int32_t* pos, int64_t 
   for (int64_t t = 0; t < T;) {
     int64_t e = t + 1;  // the run: same cache, positions + 1
     while (e < T && kvOffset[e] == kvOffset[t] && pos[e] == pos[e - 1] + 1) ++e;
-    if (e - t > kAttentionTileMinRun) {
+    // the flash kernel reads cache rows as float4: the cache must start on a 16-byte boundary
+    if (e - t > kAttentionTileMinRun && kvOffset[t] % 4 == 0) {
       for (int64_t i = t; i < e; i += kAttentionTileRows) {
         tok0[tiles] = static_cast<int32_t>(i);
         nq[tiles] = static_cast<int32_t>(std::min<int64_t>(kAttentionTileRows, e - i));
@@ -347,7 +348,9 @@ void attentionTrainForward(const AttentionShape& s, int64_t B, int64_t T, const 
                            AttentionKernel kernel) {
   checkShape(s);
   if (B <= 0 || T <= 0) return;
-  if (useFlash(kernel, s, B, T, false, {q, k, v})) {  // the float4-loaded inputs
+  // Auto: flash only where the backward can be flash too (a training step's forward and backward then
+  // use the same kernels: the SIMT backward would recompute p in fp32 against a TF32 lse)
+  if (useFlash(kernel, s, B, T, kernel == AttentionKernel::Auto, {q, k, v})) {  // the float4-loaded inputs
     flash::Args f{q, k, v, start, out, lse, nullptr, nullptr, nullptr, nullptr, nullptr,
                   s.nHeads, s.nKvHeads, s.headDim, s.scale, T};
     flash::trainForward(f, B, stream);

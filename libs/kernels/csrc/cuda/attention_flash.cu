@@ -176,14 +176,14 @@ __device__ __forceinline__ void forwardTile(const ForwardTile& f, float scale) {
   for (int r = threadIdx.x; r < kTile; r += kThreads) rowStart[r] = r < nq ? (f.start ? f.start[r] : 0) : INT_MAX;
   __syncthreads();
 
-  // this lane's softmax row (local r) and half of the 64 columns; m, l kept by both lanes of the row
+  // this lane's softmax row (local r) and half of the 64 columns (2c + half); m, l kept by both lanes
   const int r = warp * 16 + (lane >> 1), half = lane & 1;
   const int64_t tq = f.p0 + r;  // the query's position: its last visible key
   const int st = rowStart[r];
   float m = -INFINITY, l = 0.f;
   float* Sw = Ss + warp * 16 * kLdS;  // the warp's [16][64] scores
   float* Ow = Os + warp * 16 * LD;    // the warp's [16][HD] output rows
-  float* sr = Ss + r * kLdS + half * 32;
+  float* sr = Ss + r * kLdS + half;  // columns 2c + half: the row's two lanes interleave (2-way bank conflicts)
 
   for (int64_t j0 = f.jBegin; j0 <= f.jEnd; j0 += kTile) {
     const int nk = static_cast<int>(f.jEnd - j0 + 1 < kTile ? f.jEnd - j0 + 1 : kTile);
@@ -198,13 +198,13 @@ __device__ __forceinline__ void forwardTile(const ForwardTile& f, float scale) {
       storeRows(Sw, kLdS, s);
     }
     __syncwarp();
-    // online softmax: key j = j0 + c is visible to the query iff st <= j <= tq
+    // online softmax: key j = j0 + 2c + half is visible to the query iff st <= j <= tq
     float mx = -INFINITY;
 #pragma unroll 8
     for (int c = 0; c < 32; ++c) {
-      const int64_t j = j0 + half * 32 + c;
-      const float x = (j >= st && j <= tq) ? sr[c] * scale : -INFINITY;
-      sr[c] = x;
+      const int64_t j = j0 + 2 * c + half;
+      const float x = (j >= st && j <= tq) ? sr[2 * c] * scale : -INFINITY;
+      sr[2 * c] = x;
       mx = fmaxf(mx, x);
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -214,12 +214,12 @@ __device__ __forceinline__ void forwardTile(const ForwardTile& f, float scale) {
       corr = expf(m - mNew);  // m = -inf → 0
 #pragma unroll 8
       for (int c = 0; c < 32; ++c) {
-        const float p = expf(sr[c] - mNew);  // masked: exp(-inf) = 0
-        sr[c] = p;
+        const float p = expf(sr[2 * c] - mNew);  // masked: exp(-inf) = 0
+        sr[2 * c] = p;
         sum += p;
       }
     } else {
-      for (int c = 0; c < 32; ++c) sr[c] = 0.f;
+      for (int c = 0; c < 32; ++c) sr[2 * c] = 0.f;
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     l = l * corr + sum;
@@ -335,8 +335,8 @@ __global__ void __launch_bounds__(kThreads) flashDqKernel(Args a) {
   const float lseR = rowLse[r], dR = rowD[r];
   float* Sw = Ss + warp * 16 * kLdS;
   float* Pw = Ps + warp * 16 * kLdS;
-  float* sr = Ss + r * kLdS + half * 32;
-  const float* pr = Ps + r * kLdS + half * 32;
+  float* sr = Ss + r * kLdS + half;  // columns 2c + half
+  const float* pr = Ps + r * kLdS + half;
   FragC dq[D::NO];
   zero(dq);
 
@@ -359,9 +359,9 @@ __global__ void __launch_bounds__(kThreads) flashDqKernel(Args a) {
     __syncwarp();
 #pragma unroll 8
     for (int c = 0; c < 32; ++c) {
-      const int64_t j = j0 + half * 32 + c;
-      const float p = (j >= st && j <= tq) ? expf(a.scale * sr[c] - lseR) : 0.f;
-      sr[c] = p * (pr[c] - dR) * a.scale;  // dS
+      const int64_t j = j0 + 2 * c + half;
+      const float p = (j >= st && j <= tq) ? expf(a.scale * sr[2 * c] - lseR) : 0.f;
+      sr[2 * c] = p * (pr[2 * c] - dR) * a.scale;  // dS
     }
     __syncwarp();
     mmaAB<kTile, D::NO>(dq, Sw, kLdS, Ks, LD);  // dQ_w += dS_w K
@@ -399,13 +399,14 @@ __global__ void __launch_bounds__(kThreads) flashDkDvKernel(Args a) {
 
   loadTile<HD>(Ks, a.k + (row0 + j0) * kw + g * HD, kw, nk);
   loadTile<HD>(Vs, a.v + (row0 + j0) * kw + g * HD, kw, nk);
+  __syncthreads();  // (the loop's barrier would do when it runs; this one holds whatever start[] says)
 
   const int kr = warp * 16 + (lane >> 1), half = lane & 1;  // this lane's key row (local) and column half
   const int64_t j = j0 + kr;
   float* Pw = PTs + warp * 16 * kLdS;
   float* Dw = DTs + warp * 16 * kLdS;
-  float* pr = PTs + kr * kLdS + half * 32;
-  float* dr = DTs + kr * kLdS + half * 32;
+  float* pr = PTs + kr * kLdS + half;  // columns 2c + half
+  float* dr = DTs + kr * kLdS + half;
   FragC dk[D::NO], dv[D::NO];
   zero(dk);
   zero(dv);
@@ -438,10 +439,10 @@ __global__ void __launch_bounds__(kThreads) flashDkDvKernel(Args a) {
       __syncwarp();
 #pragma unroll 8
       for (int c = 0; c < 32; ++c) {
-        const int col = half * 32 + c;  // query t0 + col sees key j iff qStart <= j <= t (padding: qStart = INT_MAX)
-        const float p = (qStart[col] <= j && j <= t0 + col) ? expf(a.scale * pr[c] - qLse[col]) : 0.f;
-        pr[c] = p;
-        dr[c] = p * (dr[c] - qD[col]) * a.scale;
+        const int col = 2 * c + half;  // query t0 + col sees key j iff qStart <= j <= t (padding: qStart = INT_MAX)
+        const float p = (qStart[col] <= j && j <= t0 + col) ? expf(a.scale * pr[2 * c] - qLse[col]) : 0.f;
+        pr[2 * c] = p;
+        dr[2 * c] = p * (dr[2 * c] - qD[col]) * a.scale;
       }
       __syncwarp();
       mmaAB<kTile, D::NO>(dv, Pw, kLdS, Gs, LD);  // dV_w += Pᵀ_w dO
@@ -458,6 +459,7 @@ __global__ void __launch_bounds__(kThreads) flashDkDvKernel(Args a) {
 }
 
 // ---- dispatch ----------------------------------------------------------------------------------------
+// Per process, not per device: the engine uses one device (a second would need its own opt-in).
 int maxSharedOptin() {
   static std::once_flag once;
   static int bytes = 0;

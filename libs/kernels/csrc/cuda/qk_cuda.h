@@ -227,14 +227,16 @@ void attentionForward(const AttentionShape& s, const float* q, const float* kCac
 bool attentionTilesSupported(const AttentionShape& s);
 // Host: splits T packed tokens (host kvOffset / pos) into flash tiles — every maximal run of
 // consecutive tokens of one cache at consecutive positions longer than kAttentionTileMinRun, cut in
-// tiles of kAttentionTileRows — and the remaining tokens. Arrays of capacity T; returns the tile count.
+// tiles of kAttentionTileRows, whose cache offset is a multiple of 4 floats (read as float4) — and the
+// remaining tokens. Arrays of capacity T; returns the tile count.
 int64_t planAttentionTiles(const int64_t* kvOffset, const int32_t* pos, int64_t T, int32_t* tok0, int32_t* nq,
                            int32_t* pos0, int64_t* tileKv, int32_t* simtTokens, int64_t* simtCount);
 // Which kernels the training attention runs. Flash: tensor-core tiles (attention_flash.cu; q, k, v,
 // dout and the probabilities rounded to TF32, fp32 accumulation and softmax) for headDim 32 / 64 / 128
-// with 16-byte aligned buffers, where the device has the shared memory (hd 128 backward: ~167 KB per
-// block, so sm_90 but not sm_80); Simt: fp32 throughout (any headDim <= 256); Auto: Flash where it
-// applies, else Simt. Forcing Flash where it does not apply is invalid_argument.
+// with 16-byte aligned buffers, where the device has the shared memory per block (backward: hd 64
+// 103 KB, hd 128 167 KB — sm_90 has both, sm_80 only hd <= 64, sm_86/89 (99 KB) only hd 32); Simt:
+// fp32 throughout (any headDim <= 256); Auto: Flash where forward and backward both apply, else Simt.
+// Forcing Flash where it does not apply is invalid_argument.
 enum class AttentionKernel { Auto, Simt, Flash };
 // Training: B rows × T positions, token i = b·T+t sees row positions start[i]..t; lse [N, nHeads].
 // start never decreases along a row (segments of packed sequences).
