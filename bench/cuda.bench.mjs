@@ -179,9 +179,9 @@ async function engineRows() {
     models.push(new NativeModel(cfg, weights, { device: "cuda", maxSequences, maxContext }));
     // the eager twin also keeps prefill attention on the SIMT kernel (read when a model is made): its
     // prefill row is the flash kernel's baseline
-    process.env.QLORA_CUDA_FLASH_PREFILL = "0";
+    process.env.QLORA_CUDA_FLASH = "0";
     models.push(new NativeModel(cfg, weights, { device: "cuda", maxSequences, maxContext, cudaGraphs: false }));
-    delete process.env.QLORA_CUDA_FLASH_PREFILL;
+    delete process.env.QLORA_CUDA_FLASH;
     source = "random NF4 in memory";
   }
   const [m, eager] = models;

@@ -113,6 +113,20 @@ rmSync(library, { force: true });
 const kernelObjs = jobs.filter((j) => !j.obj.endsWith("emu_runtime.o")).map((j) => j.obj);
 if (spawnSync("ar", ["rcs", library, ...kernelObjs], { stdio: "inherit" }).status !== 0) process.exit(1);
 
+// ---- the emulator's self-test: the semantics the kernels rely on and the misuse it must catch ----
+{
+  const cpp = join(srcDir, "selftest.cpp"), exe = join(objDir, "selftest");
+  writeFileSync(cpp, rewriteLaunches(readFileSync(join(root, "emu", "selftest.cpp"), "utf8")));
+  const c = spawnSync("g++", [...flags, cpp, join(objDir, "emu_runtime.o"), "-o", exe], { stdio: "inherit" });
+  const r = c.status === 0 ? spawnSync(exe, [], { encoding: "utf8" }) : null;
+  if (!r || r.status !== 0) {
+    process.stdout.write(r ? r.stdout : "");
+    console.error("qlora: CUDA emulator: the self-test failed");
+    process.exit(1);
+  }
+  console.log(`qlora: CUDA emulator: self-test passed (${r.stdout.split("\n").filter((l) => l.startsWith("ok")).length} checks)`);
+}
+
 // ---- the addon, built by node-gyp in a package folder that shares csrc/ and links the emulator ----
 for (const f of ["binding.gyp", "package.json"]) copyFileSync(join(root, f), join(pkg, f));
 mkdirSync(join(pkg, "scripts"), { recursive: true });
@@ -124,7 +138,7 @@ writeFileSync(join(pkg, "build", "cuda", "state.json"), JSON.stringify(state));
 for (const p of [["Release", "qlora_kernels.node"], ["Release", "obj.target", "qlora_kernels.node"]])
   rmSync(join(pkg, "build", ...p), { force: true });  // relink with the new objects
 const nodeDir = join(dirname(process.execPath), "..");
-const gypArgs = ["--release", ...(existsSync(join(nodeDir, "include", "node", "node_api.h")) ? [`--nodedir=${nodeDir}`] : [])];
+const gypArgs = ["--release", `--jobs=${availableParallelism()}`, ...(existsSync(join(nodeDir, "include", "node", "node_api.h")) ? [`--nodedir=${nodeDir}`] : [])];
 // node-gyp: npm's own (set when run by npm), else the one bundled with this Node's npm
 const bundledGyp = join(nodeDir, "lib", "node_modules", "npm", "node_modules", "node-gyp", "bin", "node-gyp.js");
 const gyp = process.env.npm_config_node_gyp ?? (existsSync(bundledGyp) ? bundledGyp : undefined);

@@ -14,7 +14,7 @@ import assert from "node:assert/strict";
 import { FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
 import { NativeModel } from "../src/index.js";
 import type { EngineConfig, LoraState, LoraTrainSpec, TrainBatchInput } from "../src/index.js";
-import { LLAMA, LLAMA_ODD, OPT_POST, OPT_PRE, gpuTest, pair, rand, type DType, type Shape } from "./cuda-fixtures.js";
+import { LLAMA, LLAMA_HD32, LLAMA_ODD, OPT_POST, OPT_PRE, gpuTest, makeModel, pair, rand, type DType, type Shape } from "./cuda-fixtures.js";
 import { rng } from "./random.js";
 import { haveStories, storiesBatch, storiesNf4 } from "./stories.js";
 import { LLAMA_LINS, OPT_LINS, gradsOf, makeBatch } from "./train-fixtures.js";
@@ -130,6 +130,43 @@ for (const [label, shape, dtype] of CASES) {
     }
   });
 }
+
+gpuTest("CUDA trainer with flash attention (hd 32, 2 × 150 tokens: several tiles, segments straddling them) = CPU trainer; = SIMT attention", () => {
+  const { cfg, weights } = makeModel(LLAMA_HD32, "nf4", 23);
+  const opts = { maxSequences: 1, maxContext: 160 };
+  const cpu = new NativeModel(cfg, weights, { ...opts, device: "cpu" });
+  const gpu = new NativeModel(cfg, weights, { ...opts, device: "cuda" });
+  const saved = process.env.QLORA_CUDA_FLASH;
+  process.env.QLORA_CUDA_FLASH = "0";  // read when a model is made: this one's trainer keeps attention on SIMT
+  const simt = new NativeModel(cfg, weights, { ...opts, device: "cuda" });
+  if (saved === undefined) delete process.env.QLORA_CUDA_FLASH;
+  else process.env.QLORA_CUDA_FLASH = saved;
+  try {
+    const targets = allTargets(cpu.config);
+    compareWithCpu(cpu, gpu, targets, makeBatch(cfg, 2, 150, 9), "hd 32 flash");
+    const seg = Int32Array.from({ length: 2 * 150 }, (_, i) => ((i % 150) < 50 ? 0 : (i % 150) < 100 ? 1 : 2));
+    const packed = makeBatch(cfg, 2, 150, 10, seg);
+    compareWithCpu(cpu, gpu, targets, packed, "hd 32 flash packed");
+    // flash (TF32) vs SIMT (fp32) attention on the same GPU model: close, and not the same bits
+    for (const m of [gpu, simt]) {
+      m.initLora(0, spec(targets));
+      m.setLoraState(0, randomState(cpu, 8));
+    }
+    const o = { dropoutSeed: 1n, gradScale: 1, checkpointing: true };
+    const lf = gpu.trainForwardBackward(0, packed, o).loss, ls = simt.trainForwardBackward(0, packed, o).loss;
+    assert.ok(relDiff(lf, ls) < 1e-3, `flash loss ${lf} vs SIMT ${ls}`);
+    const gf = gradsOf(gpu, 0), gs = gradsOf(simt, 0);
+    let same = true;
+    for (const [name, g] of gs.g) {
+      const f = gf.g.get(name)!;
+      assert.ok(cosine(f.a, g.a) > 0.999 && cosine(f.b, g.b) > 0.999, `${name}: flash vs SIMT gradients`);
+      same &&= f.a.every((x, i) => x === g.a[i]);
+    }
+    assert.ok(!same, "the trainer ran the flash kernels (TF32 changes some bits)");
+  } finally {
+    for (const m of [cpu, gpu, simt]) m.dispose();
+  }
+});
 
 gpuTest("CUDA trainer: checkpointing on = off bit for bit; gradients accumulate; dropout masks = the CPU's", () => {
   const { cpu, gpu } = pair(LLAMA, "nf4", 22);

@@ -80,10 +80,11 @@ CudaModel::CudaModel(const ModelConfig& cfg, const TensorMap& weights, int maxSe
   kvDim_ = host_->kvDim_;
   slotFloats_ = static_cast<int64_t>(cfg_.layers) * maxCtx_ * kvDim_;
   if (cfg_.headDim > 256) throw EngineError("FAILED_PRECONDITION", "the CUDA engine supports headDim <= 256");
-  // prefill rows (> 8 tokens) through the flash kernel where it applies; QLORA_CUDA_FLASH_PREFILL=0
-  // keeps every token on the SIMT kernel (a switch for comparing the two)
-  const char* flashEnv = std::getenv("QLORA_CUDA_FLASH_PREFILL");
-  flashPrefill_ = !(flashEnv && std::string(flashEnv) == "0") && cuda::attentionTilesSupported(attentionShape());
+  // flash attention (prefill rows > 8 tokens here, training in CudaLoraTrainer) where it applies;
+  // QLORA_CUDA_FLASH=0, read when a model is made, keeps this model on the SIMT kernels (comparisons)
+  const char* flashEnv = std::getenv("QLORA_CUDA_FLASH");
+  flashAttention_ = !(flashEnv && std::string(flashEnv) == "0");
+  flashPrefill_ = flashAttention_ && cuda::attentionTilesSupported(attentionShape());
   seqs_.resize(static_cast<size_t>(maxSeq_));
   cudaStream_t st = nullptr;
   QK_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));

@@ -137,6 +137,7 @@ class CudaModel {
   int maxSeq_, maxCtx_;
   int64_t qDim_, kvDim_, slotFloats_;  // slotFloats_: layers · maxCtx · kvDim
   bool useGraphs_;
+  bool flashAttention_ = true;          // QLORA_CUDA_FLASH != 0 at construction (prefill and training)
   bool flashPrefill_ = false;           // prefill attention on the flash kernel (attentionTilesSupported)
   int64_t nTiles_ = 0, nSimt_ = 0;      // the current step's attention plan (planAttention)
   cuda::Stream stream_ = nullptr;

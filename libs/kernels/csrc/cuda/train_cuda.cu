@@ -318,7 +318,9 @@ void CudaLoraTrainer::layerForward(const Ctx& c, int l, const float* xin, float*
   } else {
     cuda::scaleInPlace(a.q, 1.f / std::sqrt(static_cast<float>(hd)), N * m_->qDim_, st);  // OPT: q_proj(x)·hd^-½
   }
-  cuda::attentionTrainForward(as, c.B, c.T, c.start, a.q, a.k, a.v, a.att, a.lse, st);  // att [N, qDim], lse [N, nh]
+  // flash attention where it applies (Auto), SIMT when the model was made with QLORA_CUDA_FLASH=0
+  const auto kernel = m_->flashAttention_ ? cuda::AttentionKernel::Auto : cuda::AttentionKernel::Simt;
+  cuda::attentionTrainForward(as, c.B, c.T, c.start, a.q, a.k, a.v, a.att, a.lse, st, kernel);  // att [N, qDim], lse [N, nh]
   cuda::copyDeviceToDevice(a.r1, xin, kF * N * H, st);
   linFwd(c, l, LO, a.att, a.r1, true, a.lu[LO]);  // r1 = x + o(att)
   const auto& nrm = preLN ? L.norm2 : L.norm1;
@@ -388,7 +390,8 @@ void CudaLoraTrainer::layerBackward(const Ctx& c, int l, const float* xin, const
   float* dV = scratch(dV_, static_cast<size_t>(N * kvDim));
   linBwd(c, l, LO, a.att, a.lu[LO], dX, dAtt, false, true);
   const AttentionShape as = LoraTrainer::attentionShape(cfg);
-  cuda::attentionTrainBackward(as, c.B, c.T, c.start, a.q, a.k, a.v, a.att, a.lse, dAtt, dQ, dK, dV, ws_, st);
+  cuda::attentionTrainBackward(as, c.B, c.T, c.start, a.q, a.k, a.v, a.att, a.lse, dAtt, dQ, dK, dV, ws_, st,
+                               m_->flashAttention_ ? cuda::AttentionKernel::Auto : cuda::AttentionKernel::Simt);
   if (llama) {
     cuda::ropeBackward(dQ, N, cfg.heads, cfg.headDim, c.pos, cos_.as<float>(), sin_.as<float>(), st);
     cuda::ropeBackward(dK, N, cfg.kvHeads, cfg.headDim, c.pos, cos_.as<float>(), sin_.as<float>(), st);
