@@ -75,7 +75,17 @@ export function rewriteLaunches(src) {
 
 const cudaDir = join(root, "csrc", "cuda");
 const sources = readdirSync(cudaDir).filter((f) => f.endsWith(".cu")).sort();
-const flags = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-Wno-attributes",
+// Floating-point contraction as nvcc's default (--fmad=true: a·b + c may become one FMA) where the CPU has
+// FMA; __fmul_rn and friends stay unfused (qk_emu.h). The exact places GCC and nvcc fuse differ.
+const hasFma = (() => {
+  try {
+    return /\bfma\b/.test(readFileSync("/proc/cpuinfo", "utf8"));
+  } catch {
+    return false;
+  }
+})();
+const flags = ["-std=c++17", "-O2", "-fPIC", "-fno-math-errno", "-Wno-attributes",
+  ...(hasFma ? ["-mfma", "-ffp-contract=fast"] : ["-ffp-contract=off"]),
   `-I${join(root, "emu", "include")}`, `-I${realNvcc}`, `-I${join(root, "csrc")}`, `-I${cudaDir}`,
   "-include", "qk_emu.h", "-DQLORA_CUDA_EMULATOR",
   ...(process.env.QLORA_EMU_CXXFLAGS ?? "").split(/\s+/).filter(Boolean)];  // for experiments
@@ -91,7 +101,10 @@ const headers = [...readdirSync(cudaDir).filter((f) => /\.(cuh|h)$/.test(f)).map
   ...["cpu", "model"].flatMap((d) => readdirSync(join(root, "csrc", d)).filter((f) => f.endsWith(".h")).map((f) => join(root, "csrc", d, f))),
   ...readdirSync(join(root, "emu", "include")).map((f) => join(root, "emu", "include", f))];
 const newest = Math.max(...headers.map((h) => statSync(h).mtimeMs));
-const todo = jobs.filter(({ cpp, obj }) => !existsSync(obj) || statSync(obj).mtimeMs < Math.max(statSync(cpp).mtimeMs, newest));
+const flagsFile = join(objDir, "flags.txt"), flagsKey = flags.join(" ");
+const flagsSame = existsSync(flagsFile) && readFileSync(flagsFile, "utf8") === flagsKey;
+const todo = jobs.filter(({ cpp, obj }) =>
+  !flagsSame || !existsSync(obj) || statSync(obj).mtimeMs < Math.max(statSync(cpp).mtimeMs, newest));
 const compile = ({ cpp, obj }) => new Promise((resolve, reject) => {
   // the runtime includes qk_emu.h itself, without the CUDA dialect macros
   const f = cpp === join(root, "emu", "runtime.cpp") ? flags.filter((x, i) => x !== "-include" && flags[i - 1] !== "-include") : flags;
@@ -108,6 +121,7 @@ try {
   console.error(`qlora: CUDA emulator: ${e.message}`);
   process.exit(1);
 }
+writeFileSync(flagsFile, flagsKey);
 const library = join(objDir, "libqlora_cuda_emu.a");
 rmSync(library, { force: true });
 const kernelObjs = jobs.filter((j) => !j.obj.endsWith("emu_runtime.o")).map((j) => j.obj);

@@ -1,7 +1,8 @@
 // The CUDA emulator (docs/cuda.md §8): runs the project's CUDA kernels on the CPU, so their logic —
 // index math, masks, barriers, warp shuffles, WMMA tile layouts, shared-memory carve-ups, launch
 // configurations — is exercised by the GPU tests on a machine without a GPU. It is not a GPU model:
-// no timing, no memory model beyond "a block's threads run cooperatively", no FMA contraction.
+// no timing, no memory model beyond "a block's threads run cooperatively", GCC's FMA contraction
+// (where the CPU has FMA) in place of nvcc's.
 //
 // This header is force-included (g++ -include) into every csrc/cuda/*.cu, compiled as C++ after
 // scripts/build-emu.mjs rewrote each `kernel<<<grid, block, smem, stream>>>(args)` into
@@ -132,11 +133,17 @@ inline T atomicAdd(T* p, T v) {  // fibers are cooperative: a plain read-modify-
   return old;
 }
 
-// IEEE-rounded arithmetic (the emulator is compiled with -ffp-contract=off: no FMA anywhere)
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
+// IEEE-rounded arithmetic that is never fused into an FMA, as on the device — even when the emulator is
+// built with contraction on (QLORA_EMU_CXXFLAGS="-mfma -ffp-contract=fast" imitates nvcc's default
+// --fmad=true for plain a·b + c): the empty asm makes the rounded result opaque to the optimizer.
+inline float qk_emu_opaque(float r) {
+  asm("" : "+x"(r));
+  return r;
+}
+inline float __fmul_rn(float a, float b) { return qk_emu_opaque(a * b); }
+inline float __fadd_rn(float a, float b) { return qk_emu_opaque(a + b); }
+inline float __fsub_rn(float a, float b) { return qk_emu_opaque(a - b); }
+inline float __fdiv_rn(float a, float b) { return qk_emu_opaque(a / b); }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __expf(float a) { return std::exp(a); }
 inline float __logf(float a) { return std::log(a); }
