@@ -1,7 +1,7 @@
 // The GPU tests on the CUDA emulator (docs/cuda.md §8): builds the addon against the emulator
 // (libs/kernels/scripts/build-emu.mjs; needs the CUDA toolkit's headers, not a GPU), then runs every
 // test file that exercises the CUDA path with QLORA_KERNELS_ADDON pointing at it — the kernels, the
-// CUDA engine, the CUDA trainer, the model / CLI / trainer-service device paths. Then the kernel tests
+// CUDA engine, the CUDA trainer, the model / CLI / trainer / inference-service device paths. Then the kernel tests
 // once more with the fibers scheduled in reverse order: a kernel whose result depends on the order
 // of its threads between barriers has a race.
 //   QLORA_EMU_PATTERN=regex   only tests whose name matches (node --test-name-pattern)
@@ -27,6 +27,7 @@ const files = [
   "libs/model/dist/test/device.test.js",
   "cli/dist/test/device.test.js",
   "services/trainer/dist/test/service-errors.test.js",
+  "services/inference/dist/test/device.test.js",
 ].map((f) => join(root, f));
 const missing = files.filter((f) => !existsSync(f));
 if (missing.length) {
