@@ -18,7 +18,7 @@ import { FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted } from
 import { NativeModel } from "../src/index.js";
 import type { EngineAdapter } from "../src/index.js";
 import { rng } from "./random.js";
-import { LLAMA, LLAMA_HD32, LLAMA_ODD, OPT_POST, OPT_PRE, assertClose, disposeAll, gpuTest, ids, info, makeModel, pair, rand, type Shape } from "./cuda-fixtures.js";
+import { LLAMA, LLAMA_HD32, LLAMA_ODD, OPT_POST, OPT_PRE, assertClose, disposeAll, gpuTest, ids, info, makeModel, pair, rand, simtAttentionModel, type Shape } from "./cuda-fixtures.js";
 
 const FP32_TOL = 2e-4;
 const BF16_TOL = 2 ** -7 * 4;
@@ -106,11 +106,7 @@ gpuTest("CUDA llama hd 32: prefill rows on the flash attention kernel (several t
   const opts = { maxSequences: 2, maxContext: 160 };
   const cpu = new NativeModel(cfg, weights, { ...opts, device: "cpu" });
   const gpu = new NativeModel(cfg, weights, { ...opts, device: "cuda" });
-  const saved = process.env.QLORA_CUDA_FLASH;
-  process.env.QLORA_CUDA_FLASH = "0";  // read when a model is made: this one keeps prefill on SIMT
-  const simt = new NativeModel(cfg, weights, { ...opts, device: "cuda" });
-  if (saved === undefined) delete process.env.QLORA_CUDA_FLASH;
-  else process.env.QLORA_CUDA_FLASH = saved;
+  const simt = simtAttentionModel(cfg, weights, opts);  // prefill on the SIMT kernel
   const seqs = [cpu, gpu, simt].map((m) => m.createSequence());
   // a 137-token prompt (tiles of 64, 64, 9), a 20-token continuation (a tile at positions 137..156), a decode step
   for (const [what, tok] of [["prompt", ids(137, LLAMA_HD32.V, 7)], ["continuation", ids(20, LLAMA_HD32.V, 8)], ["decode", ids(1, LLAMA_HD32.V, 9)]] as const) {

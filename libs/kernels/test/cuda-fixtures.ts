@@ -116,6 +116,17 @@ export function pair(s: Shape, dtype: DType, seed: number, options: EngineOption
     gpu: new NativeModel(cfg, weights, { maxSequences: 4, maxContext: 48, ...options, device: "cuda" }),
   };
 }
+/** A CUDA model made with QLORA_CUDA_FLASH=0 (read at creation): its prefill and training attention stay on SIMT. */
+export function simtAttentionModel(cfg: EngineConfig, weights: Record<string, WeightTensor>, options: EngineOptions): NativeModel {
+  const saved = process.env.QLORA_CUDA_FLASH;
+  process.env.QLORA_CUDA_FLASH = "0";
+  try {
+    return new NativeModel(cfg, weights, { ...options, device: "cuda" });
+  } finally {
+    if (saved === undefined) delete process.env.QLORA_CUDA_FLASH;
+    else process.env.QLORA_CUDA_FLASH = saved;
+  }
+}
 export function disposeAll(...ms: NativeModel[]): void {
   for (const m of ms) m.dispose();
 }

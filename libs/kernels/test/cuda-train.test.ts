@@ -14,7 +14,7 @@ import assert from "node:assert/strict";
 import { FailedPrecondition, InvalidArgument, NotFound } from "@qlora/core";
 import { NativeModel } from "../src/index.js";
 import type { EngineConfig, LoraState, LoraTrainSpec, TrainBatchInput } from "../src/index.js";
-import { LLAMA, LLAMA_HD32, LLAMA_ODD, OPT_POST, OPT_PRE, gpuTest, makeModel, pair, rand, type DType, type Shape } from "./cuda-fixtures.js";
+import { LLAMA, LLAMA_HD32, LLAMA_ODD, OPT_POST, OPT_PRE, gpuTest, makeModel, pair, rand, simtAttentionModel, type DType, type Shape } from "./cuda-fixtures.js";
 import { rng } from "./random.js";
 import { haveStories, storiesBatch, storiesNf4 } from "./stories.js";
 import { LLAMA_LINS, OPT_LINS, gradsOf, makeBatch } from "./train-fixtures.js";
@@ -136,11 +136,7 @@ gpuTest("CUDA trainer with flash attention (hd 32, 2 × 150 tokens: several tile
   const opts = { maxSequences: 1, maxContext: 160 };
   const cpu = new NativeModel(cfg, weights, { ...opts, device: "cpu" });
   const gpu = new NativeModel(cfg, weights, { ...opts, device: "cuda" });
-  const saved = process.env.QLORA_CUDA_FLASH;
-  process.env.QLORA_CUDA_FLASH = "0";  // read when a model is made: this one's trainer keeps attention on SIMT
-  const simt = new NativeModel(cfg, weights, { ...opts, device: "cuda" });
-  if (saved === undefined) delete process.env.QLORA_CUDA_FLASH;
-  else process.env.QLORA_CUDA_FLASH = saved;
+  const simt = simtAttentionModel(cfg, weights, opts);  // its trainer's attention on the SIMT kernels
   try {
     const targets = allTargets(cpu.config);
     compareWithCpu(cpu, gpu, targets, makeBatch(cfg, 2, 150, 9), "hd 32 flash");

@@ -137,6 +137,19 @@ __device__ __forceinline__ void writeRows(float* dst, int64_t stride, const floa
   }
 }
 
+// The backward's per-query row data of a tile of nq queries from token q0 of head h: segment start
+// (INT_MAX for padding rows: they see no key), lse and D (0 for padding).
+__device__ __forceinline__ void loadQueryRows(const Args& a, int64_t q0, int nq, int h, int* start, float* lse,
+                                              float* D) {
+  for (int r = threadIdx.x; r < kTile; r += kThreads) {
+    const bool in = r < nq;
+    const int64_t i = q0 + r;
+    start[r] = in ? a.start[i] : INT_MAX;
+    lse[r] = in ? a.lse[i * a.nh + h] : 0.f;
+    D[r] = in ? a.D[i * a.nh + h] : 0.f;
+  }
+}
+
 // ---- forward ---------------------------------------------------------------------------------------
 // One block's tile: nq <= 64 consecutive queries of one head (query r at position p0 + r) over keys at
 // positions jBegin..jEnd of one kv head; query r sees keys start[r]..p0 + r (start: nullptr = 0).
@@ -320,13 +333,7 @@ __global__ void __launch_bounds__(kThreads) flashDqKernel(Args a) {
 
   loadTile<HD>(Qs, a.q + (row0 + t0) * qw + h * HD, qw, nq);
   loadTile<HD>(Gs, a.dout + (row0 + t0) * qw + h * HD, qw, nq);
-  for (int r = threadIdx.x; r < kTile; r += kThreads) {
-    const bool in = r < nq;
-    const int64_t i = row0 + t0 + r;
-    rowStart[r] = in ? a.start[i] : INT_MAX;
-    rowLse[r] = in ? a.lse[i * a.nh + h] : 0.f;
-    rowD[r] = in ? a.D[i * a.nh + h] : 0.f;
-  }
+  loadQueryRows(a, row0 + t0, nq, h, rowStart, rowLse, rowD);
   __syncthreads();
 
   const int r = warp * 16 + (lane >> 1), half = lane & 1;
@@ -419,13 +426,7 @@ __global__ void __launch_bounds__(kThreads) flashDkDvKernel(Args a) {
       __syncthreads();  // every warp is done with the previous Q, dO (and, first time, Ks/Vs are loaded)
       loadTile<HD>(Qs, a.q + (row0 + t0) * qw + h * HD, qw, nq);
       loadTile<HD>(Gs, a.dout + (row0 + t0) * qw + h * HD, qw, nq);
-      for (int r = threadIdx.x; r < kTile; r += kThreads) {
-        const bool in = r < nq;
-        const int64_t i = row0 + t0 + r;
-        qStart[r] = in ? a.start[i] : INT_MAX;
-        qLse[r] = in ? a.lse[i * a.nh + h] : 0.f;
-        qD[r] = in ? a.D[i * a.nh + h] : 0.f;
-      }
+      loadQueryRows(a, row0 + t0, nq, h, qStart, qLse, qD);
       __syncthreads();
       {
         FragC s[kTile / 16];

@@ -149,26 +149,17 @@ inline float __expf(float a) { return std::exp(a); }
 inline float __logf(float a) { return std::log(a); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float a) { return 1.f / std::sqrt(a); }
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, 4);
-  return u;
+template <class To, class From>
+inline To qk_emu_bits(From f) {
+  static_assert(sizeof(To) == sizeof(From), "a bit cast keeps the size");
+  To t;
+  std::memcpy(&t, &f, sizeof t);
+  return t;
 }
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline int __float_as_int(float f) {
-  int u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float __int_as_float(int u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline unsigned __float_as_uint(float f) { return qk_emu_bits<unsigned>(f); }
+inline float __uint_as_float(unsigned u) { return qk_emu_bits<float>(u); }
+inline int __float_as_int(float f) { return qk_emu_bits<int>(f); }
+inline float __int_as_float(int u) { return qk_emu_bits<float>(u); }
 inline unsigned long long __double2ull_rd(double d) { return static_cast<unsigned long long>(std::floor(d)); }
 
 // the typed overload nvcc's cuda_runtime.h provides for kernels (the emulator keys limits by the
