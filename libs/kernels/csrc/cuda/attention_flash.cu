@@ -28,6 +28,7 @@
 
 #include <climits>
 #include <mutex>
+#include <type_traits>
 
 #include "cuda/attention_flash.cuh"
 #include "cuda/common.cuh"
@@ -70,9 +71,11 @@ __device__ __forceinline__ void zero(FragC (&c)[NB]) {
   for (int n = 0; n < NB; ++n) wmma::fill_fragment(c[n], 0.f);
 }
 
-// acc[n] += A[16, K] · B[16n..16n+16, 0..K)ᵀ — A, B row-major in shared memory (lda, ldb floats).
-template <int K, int NB>
-__device__ __forceinline__ void mmaABt(FragC (&acc)[NB], const float* A, int lda, const float* B, int ldb) {
+// acc[n] += A[16, K] · op(B)[0..K, 16n..16n+16) — A row-major in shared memory (lda floats); kTransB:
+// B row-major [16·NB][K] used as Bᵀ (a col_major fragment, element (k', n') = B[16n + n'][k + k']),
+// else B row-major [K][16·NB] (element (k', n') = B[k + k'][16n + n']).
+template <int K, int NB, bool kTransB>
+__device__ __forceinline__ void mmaTf32(FragC (&acc)[NB], const float* A, int lda, const float* B, int ldb) {
 #pragma unroll
   for (int k = 0; k < K; k += 8) {
     FragA a;
@@ -80,30 +83,20 @@ __device__ __forceinline__ void mmaABt(FragC (&acc)[NB], const float* A, int lda
     toTf32(a);
 #pragma unroll
     for (int n = 0; n < NB; ++n) {
-      FragBt b;  // element (k', n') = B[16n + n'][k + k']
-      wmma::load_matrix_sync(b, B + n * 16 * ldb + k, ldb);
+      std::conditional_t<kTransB, FragBt, FragB> b;
+      wmma::load_matrix_sync(b, kTransB ? B + n * 16 * ldb + k : B + k * ldb + n * 16, ldb);
       toTf32(b);
       wmma::mma_sync(acc[n], a, b, acc[n]);
     }
   }
 }
-
-// acc[n] += A[16, K] · B[0..K, 16n..16n+16) — A, B row-major in shared memory.
+template <int K, int NB>
+__device__ __forceinline__ void mmaABt(FragC (&acc)[NB], const float* A, int lda, const float* B, int ldb) {
+  mmaTf32<K, NB, true>(acc, A, lda, B, ldb);  // A · Bᵀ (S = Q Kᵀ and the like)
+}
 template <int K, int NB>
 __device__ __forceinline__ void mmaAB(FragC (&acc)[NB], const float* A, int lda, const float* B, int ldb) {
-#pragma unroll
-  for (int k = 0; k < K; k += 8) {
-    FragA a;
-    wmma::load_matrix_sync(a, A + k, lda);
-    toTf32(a);
-#pragma unroll
-    for (int n = 0; n < NB; ++n) {
-      FragB b;  // element (k', n') = B[k + k'][16n + n']
-      wmma::load_matrix_sync(b, B + k * ldb + n * 16, ldb);
-      toTf32(b);
-      wmma::mma_sync(acc[n], a, b, acc[n]);
-    }
-  }
+  mmaTf32<K, NB, false>(acc, A, lda, B, ldb);  // A · B (O += P V and the like)
 }
 
 template <int NB>
