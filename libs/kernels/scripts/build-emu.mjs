@@ -3,7 +3,7 @@
 // force-included, emu/include/mma.h in place of the toolkit's WMMA), linked with emu/runtime.cpp
 // instead of libcudart. The result, build-emu/pkg/build/Release/qlora_kernels.node, is the normal
 // addon with QLORA_WITH_CUDA whose "GPU" is the emulator; QLORA_KERNELS_ADDON=<that path> makes
-// @qlora/kernels load it, so the GPU tests run their kernels on the CPU (scripts/test-emu.mjs).
+// @qlora/kernels load it, so the GPU tests run their kernels on the CPU (scripts/test-cuda-emu.mjs at the root).
 // Needs the CUDA toolkit's headers (next to nvcc), not a GPU.
 import { spawn, spawnSync } from "node:child_process";
 import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
