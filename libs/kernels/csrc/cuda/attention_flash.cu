@@ -507,13 +507,22 @@ void launchBackward(const Args& a, int64_t B, cudaStream_t st) {
   QK_CUDA_LAUNCHED();
 }
 
-size_t sharedBytes(int hd, bool backward) {
+// Calls f(std::integral_constant<int, HD>) for the head dimensions the kernels are instantiated for;
+// false for any other.
+template <class F>
+bool byHeadDim(int hd, F&& f) {
   switch (hd) {
-    case 32: return backward ? Dims<32>::backwardBytes : Dims<32>::forwardBytes;
-    case 64: return backward ? Dims<64>::backwardBytes : Dims<64>::forwardBytes;
-    case 128: return backward ? Dims<128>::backwardBytes : Dims<128>::forwardBytes;
-    default: return 0;
+    case 32: f(std::integral_constant<int, 32>{}); return true;
+    case 64: f(std::integral_constant<int, 64>{}); return true;
+    case 128: f(std::integral_constant<int, 128>{}); return true;
+    default: return false;
   }
+}
+
+size_t sharedBytes(int hd, bool backward) {
+  size_t bytes = 0;
+  byHeadDim(hd, [&](auto d) { bytes = backward ? Dims<d.value>::backwardBytes : Dims<d.value>::forwardBytes; });
+  return bytes;
 }
 
 }  // namespace
@@ -533,32 +542,20 @@ const char* unsupportedReason(const AttentionShape& s, int64_t B, int64_t T, boo
 }
 
 void trainForward(const Args& a, int64_t B, Stream stream) {
-  switch (a.hd) {
-    case 32: return launchForward<32>(a, B, cs(stream));
-    case 64: return launchForward<64>(a, B, cs(stream));
-    case 128: return launchForward<128>(a, B, cs(stream));
-    default: checkArg(false, "flash attention: headDim must be 32, 64 or 128");
-  }
+  checkArg(byHeadDim(a.hd, [&](auto d) { launchForward<d.value>(a, B, cs(stream)); }),
+           "flash attention: headDim must be 32, 64 or 128");
 }
 
 void prefill(const CacheArgs& a, Stream stream) {
   if (a.tiles.count <= 0) return;
   checkArg(a.tiles.count <= 0x7fffffffLL, "flash attention: too many prefill tiles");
-  switch (a.hd) {
-    case 32: return launchPrefill<32>(a, cs(stream));
-    case 64: return launchPrefill<64>(a, cs(stream));
-    case 128: return launchPrefill<128>(a, cs(stream));
-    default: checkArg(false, "flash attention: headDim must be 32, 64 or 128");
-  }
+  checkArg(byHeadDim(a.hd, [&](auto d) { launchPrefill<d.value>(a, cs(stream)); }),
+           "flash attention: headDim must be 32, 64 or 128");
 }
 
 void trainBackward(const Args& a, int64_t B, Stream stream) {
-  switch (a.hd) {
-    case 32: return launchBackward<32>(a, B, cs(stream));
-    case 64: return launchBackward<64>(a, B, cs(stream));
-    case 128: return launchBackward<128>(a, B, cs(stream));
-    default: checkArg(false, "flash attention: headDim must be 32, 64 or 128");
-  }
+  checkArg(byHeadDim(a.hd, [&](auto d) { launchBackward<d.value>(a, B, cs(stream)); }),
+           "flash attention: headDim must be 32, 64 or 128");
 }
 
 }  // namespace qk::cuda::flash
