@@ -16,7 +16,7 @@
 //                         made in memory (the default: seconds, no disk)
 import { randomFillSync } from "node:crypto";
 import { writeFileSync } from "node:fs";
-import { cudaInfo, cudaOps, NativeModel } from "@qlora/kernels";
+import { cudaInfo, cudaOps, NativeModel, seedRng } from "@qlora/kernels";
 import { PRESETS } from "./checkpoints.mjs";
 
 const args = process.argv.slice(2);
@@ -78,6 +78,12 @@ row("NF4 GEMV M=1 8192x8192 (weights+absmax)", gemv.weightGBps, "GB/s",
 for (const M of [4, 8]) {
   const g = cudaOps.bench("gemv", { M, N: 8192, K: 8192, iters: 30 });
   row(`NF4 GEMV M=${M} 8192x8192`, g.weightGBps, "GB/s", `${(g.ms * 1000).toFixed(1)} us`);
+}
+
+// decode-step fusion (1B shape, M=1): q/k/v and gate/up read the same x — one launch vs one per weight
+for (const [what, shape] of [["q/k/v 2048+512+512 x2048", { N0: 2048, N1: 512, N2: 512 }], ["gate/up 2x8192 x2048", { N0: 8192, N1: 8192 }]]) {
+  const g = cudaOps.bench("gemvMany", { M: 1, K: 2048, iters: 100, ...shape });
+  row(`NF4 GEMV fused ${what}`, g.ms * 1000, "us", `${g.fused ? "one launch" : "NOT FUSED"}, ${(g.separateMs * 1000).toFixed(1)} us as separate launches; ${g.weightGBps.toFixed(0)} GB/s`);
 }
 
 for (const [N, K] of [[2048, 2048], [8192, 2048], [2048, 8192]]) {
@@ -190,29 +196,38 @@ async function engineRows() {
   const prompt = Int32Array.from({ length: 128 }, (_, i) => (i * 7919 + 3) % V);
 
   // decode: `steps` steps of `batch` rows after a 128-token prefill per row; wall clock (host
-  // overhead, H2D of the token ids, graph launch, D2H of the logits included), best of 3
-  const decode = (model, batch, steps) => {
+  // overhead, H2D of the token ids, graph launch included), best of 3. "sample": greedy generation
+  // as the services run it (forwardSample: the token picked on the device, only the ids come back,
+  // fed to the next step); "logits": forward with the [batch, V] logits downloaded (the old path).
+  const greedy = { params: { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 }, recent: null, rng: seedRng(1n) };
+  const decode = (model, batch, steps, mode = "sample") => {
     let best = Infinity;
     for (let rep = 0; rep < 3; rep++) {
       const seqs = Array.from({ length: batch }, () => model.createSequence());
       model.forward(seqs.map((seq) => ({ seq, tokens: prompt, adapter: -1 })), { out });
       const rows = seqs.map((seq, i) => ({ seq, tokens: Int32Array.of(i + 5), adapter: -1 }));
-      model.forward(rows, { out });  // first decode step: captures the graph
+      const sampling = rows.map(() => greedy);
+      const step = mode === "sample"
+        ? () => model.forwardSample(rows, sampling).forEach((t, i) => (rows[i].tokens[0] = t))
+        : () => model.forward(rows, { out });
+      step();  // first decode step: captures the graph
       const ts = performance.now();
-      for (let s = 0; s < steps; s++) model.forward(rows, { out });
+      for (let s = 0; s < steps; s++) step();
       best = Math.min(best, performance.now() - ts);
       for (const seq of seqs) model.dropSequence(seq);
     }
     return (batch * steps * 1000) / best;
   };
   const tps1 = decode(m, 1, 200);
-  row("engine decode batch 1 (1B, CUDA graphs)", tps1, "tok/s", `${(1000 / tps1).toFixed(3)} ms/token; target >= 500`);
+  row("engine decode batch 1 (1B, CUDA graphs)", tps1, "tok/s", `${(1000 / tps1).toFixed(3)} ms/token, greedy on the device; target >= 500`);
+  const l1 = decode(m, 1, 200, "logits");
+  row("engine decode batch 1 (1B, graphs, logits to host)", l1, "tok/s", `${(1000 / l1).toFixed(3)} ms/token, no sampling`);
   if (eager) {
     const e1 = decode(eager, 1, 100);
     row("engine decode batch 1 (1B, eager launches)", e1, "tok/s", `${(1000 / e1).toFixed(3)} ms/token`);
   }
   const tps8 = decode(m, 8, 100);
-  row("engine decode batch 8 (1B, CUDA graphs)", tps8, "tok/s", `${((8 * 1000) / tps8).toFixed(3)} ms/step`);
+  row("engine decode batch 8 (1B, CUDA graphs)", tps8, "tok/s", `${((8 * 1000) / tps8).toFixed(3)} ms/step, greedy on the device`);
   // prefill: one row of n tokens on a fresh sequence (bf16 tensor-core GEMMs; attention on the flash
   // kernel, or SIMT on the eager twin), best of 3
   const prefill = (model, n) => {

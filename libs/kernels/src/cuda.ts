@@ -83,6 +83,10 @@ export const cudaOps = {
   linear(x: Float32Array, M: number, w: WeightTensor, bias: Float32Array | null = null, yInit: Float32Array | null = null): Float32Array {
     return call(() => native.cudaTestLinear(x, M, w, bias, yInit));
   },
+  /** linear for 1..3 weights sharing x; fused: computed by one launch (q/k/v, gate/up at M <= 8, NF4). */
+  linearMany(x: Float32Array, M: number, ws: WeightTensor[], biases: (Float32Array | null)[]): { ys: Float32Array[]; fused: boolean } {
+    return call(() => native.cudaTestLinearMany(x, M, ws, biases));
+  },
   /** dx = dy·W (bf16 tensor cores); with dxInit: dxInit + dy·W. */
   linearBackwardInput(dy: Float32Array, M: number, w: WeightTensor, dxInit: Float32Array | null = null): Float32Array {
     return call(() => native.cudaTestLinearBackwardInput(dy, M, w, dxInit));

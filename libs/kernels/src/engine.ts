@@ -104,6 +104,14 @@ export interface SamplingParams {
   repetitionPenalty: number;
 }
 
+/** One batch row's sampling for NativeModel.forwardSample: sampleToken's arguments besides the logits. */
+export interface RowSampling {
+  params: SamplingParams;
+  /** Repetition-penalty context (prompt + generated ids); null when the penalty is off. */
+  recent: Int32Array | null;
+  /** The sequence's RNG (seedRng), advanced in place. */
+  rng: BigUint64Array;
+}
 
 let modelClass: (new (config: EngineConfig, weights: Record<string, WeightTensor>, options: EngineOptions) => any) | undefined;
 
@@ -207,6 +215,20 @@ export class NativeModel {
   forward(rows: ForwardRow[], options?: ForwardOptions): Float32Array {
     try {
       return this.#m.forward(rows, options?.allLogits === true, options?.out);
+    } catch (e) {
+      rethrowNative(e);
+    }
+  }
+
+  /**
+   * One step as `forward`, then one token per row picked from its last-token logits by
+   * `sampleToken` with `sampling[i]` (its rng advances in place); -1 for rows whose entry is null
+   * (e.g. a prompt chunk that is not its prompt's last). The logits stay inside the engine — on a
+   * "cuda" model they never leave the device: one batched sampling launch, the ids come back.
+   */
+  forwardSample(rows: ForwardRow[], sampling: readonly (RowSampling | null)[]): Int32Array {
+    try {
+      return this.#m.forwardSample(rows, sampling);
     } catch (e) {
       rethrowNative(e);
     }

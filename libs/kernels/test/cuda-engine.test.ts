@@ -17,6 +17,7 @@ import assert from "node:assert/strict";
 import { FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted } from "@qlora/core";
 import { NativeModel } from "../src/index.js";
 import type { EngineAdapter } from "../src/index.js";
+import { checkForwardSample } from "./helpers.js";
 import { rng } from "./random.js";
 import { LLAMA, LLAMA_HD32, LLAMA_ODD, OPT_POST, OPT_PRE, assertClose, disposeAll, gpuTest, ids, info, makeModel, pair, rand, simtAttentionModel, type Shape } from "./cuda-fixtures.js";
 
@@ -159,6 +160,17 @@ gpuTest("CUDA: a mixed batch with 2 adapters + base = each row alone, and = the 
   for (const m of [cpu, gpu]) m.removeAdapter(0);
   assert.throws(() => gpu.forward([{ seq: seqs[2]!, tokens: Int32Array.of(1), adapter: 0 }]), NotFound);
   disposeAll(cpu, gpu);
+});
+
+gpuTest("CUDA forwardSample: tokens picked on the device = sampleToken (CPU) over the downloaded logits, graphs and eager, mixed adapters", () => {
+  const { cfg, weights } = makeModel(LLAMA_ODD, "nf4", 23);
+  for (const cudaGraphs of [true, false]) {
+    const gpu = new NativeModel(cfg, weights, { device: "cuda", maxSequences: 8, maxContext: 40, cudaGraphs });
+    gpu.setAdapter(1, makeAdapter(LLAMA_ODD, 4, ["self_attn.q_proj", "mlp.down_proj"], 3));
+    checkForwardSample(gpu, LLAMA_ODD.V, [1, -1, -1, 1]);
+    if (cudaGraphs) assert.ok(gpu.cudaGraphStats()!.launches >= 10, "the decode steps replayed graphs");
+    gpu.dispose();
+  }
 });
 
 gpuTest("CUDA: KV-cache decode = recomputation without a cache", () => {

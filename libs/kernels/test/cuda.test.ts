@@ -170,6 +170,26 @@ gpuTest("linear: GEMV (M <= 8, fp32) and tensor-core GEMM (M > 8, bf16) match th
   }
 });
 
+gpuTest("linearForwardMany (q/k/v, gate/up in one launch) = linear per weight, bit for bit; falls back where it cannot fuse", () => {
+  const r = rng(12);
+  for (const K of [64, 256]) {
+    const parts = [37, 5, 70].map((N) => ({ N, wf: rand(N * K, r, -0.5, 0.5), bias: rand(N, r) }));
+    const nf4 = parts.map((p) => nf4Tensor(p.wf, [p.N, K], 64));
+    for (const M of [1, 2, 3, 8, 9]) {  // 9: the GEMM path, one launch per weight
+      const x = rand(M * K, r);
+      for (const [what, ws, biases, fuses] of [
+        ["3 NF4 with biases", nf4, parts.map((p) => p.bias), M <= 8],
+        ["2 NF4 without", nf4.slice(0, 2), [null, null], M <= 8],
+        ["NF4 + bf16", [nf4[0]!, halfTensor(parts[1]!.wf, [parts[1]!.N, K], "bf16")], [parts[0]!.bias, null], false],
+      ] as const) {
+        const got = cudaOps.linearMany(x, M, [...ws], [...biases]);
+        assert.equal(got.fused, fuses, `${what} K=${K} M=${M}: fused`);
+        ws.forEach((w, i) => assert.deepEqual(got.ys[i], cudaOps.linear(x, M, w, biases[i] ?? null), `${what} K=${K} M=${M} part ${i}`));
+      }
+    }
+  }
+});
+
 gpuTest("linearBackwardInput (bf16 tensor cores) matches the CPU within the bf16 bound", () => {
   const r = rng(3);
   for (const [N, K] of [[64, 96], [37, 33], [160, 128]] as [number, number][]) {

@@ -8,7 +8,7 @@ import { InvalidArgument, NotFound, ResourceExhausted } from "@qlora/core";
 import { NativeModel, dequantizeNf4, quantizeNf4, sampleToken, seedRng } from "../src/index.js";
 import type { EngineAdapter, EngineConfig } from "../src/index.js";
 import type { WeightTensor } from "../src/tensor.js";
-import { f32Tensor, readSafetensors, storiesDir } from "./helpers.js";
+import { checkForwardSample, f32Tensor, readSafetensors, storiesDir } from "./helpers.js";
 import { rng, uniformSigned } from "./random.js";
 
 // ---- helpers ----------------------------------------------------------------------------------
@@ -469,6 +469,36 @@ test("weights are validated: missing, misshapen and unexpected tensors", () => {
   assert.throws(() => new NativeModel({ ...cfg, numKvHeads: 2 }, good), InvalidArgument);
 });
 
+test("forwardSample: each row's token = sampleToken over forward's logits (greedy, top-k/top-p + penalty, full distribution, unsampled rows), mixed adapters", () => {
+  const cfg = llamaGqa, w = randomWeights(cfg, 41);
+  const m = new NativeModel(cfg, toTensors(cfg, w), { maxSequences: 8, maxContext: 32 });
+  m.setAdapter(2, randomAdapter(cfg, 42, ["self_attn.q_proj", "mlp.up_proj"], 4, 2));
+  checkForwardSample(m, cfg.vocabSize, [2, -1, 2, -1]);
+  m.dispose();
+});
+
+test("forwardSample: bad sampling entries → InvalidArgument, and the rows are not run", () => {
+  const cfg = llamaGqa, w = randomWeights(cfg, 43);
+  const m = new NativeModel(cfg, toTensors(cfg, w), { maxSequences: 2, maxContext: 16 });
+  const seq = m.createSequence();
+  const row = [{ seq, tokens: Int32Array.of(1, 2), adapter: -1 }];
+  const params = { temperature: 1, topK: 0, topP: 1, repetitionPenalty: 1 };
+  const bad: [string, unknown[]][] = [
+    ["one entry (or null) per row", []],
+    ["needs temperature >= 0", [{ params: { ...params, temperature: -1 }, recent: null, rng: seedRng(1n) }]],
+    ["BigUint64Array", [{ params, recent: null, rng: new Float64Array(4) }]],
+    ["BigUint64Array(4)", [{ params, recent: null, rng: new BigUint64Array(2) }]],
+    ["Int32Array", [{ params, recent: [1, 2], rng: seedRng(1n) }]],
+  ];
+  for (const [msg, sampling] of bad) {
+    assert.throws(() => m.forwardSample(row, sampling as never), (e: unknown) => e instanceof InvalidArgument && e.message.includes(msg), msg);
+  }
+  assert.equal(m.sequenceLength(seq), 0, "a rejected call appends nothing");
+  assert.deepEqual(Array.from(m.forwardSample(row, [null])), [-1]);
+  assert.equal(m.sequenceLength(seq), 2);
+  m.dispose();
+});
+
 // ---- the real checkpoint ----------------------------------------------------------------------
 test("stories260K: greedy tokens, cross-entropy and final logits match reference.json", { skip: !existsSync(`${storiesDir}/model.safetensors`) }, () => {
   const hf = JSON.parse(readFileSync(`${storiesDir}/config.json`, "utf8"));
@@ -500,6 +530,16 @@ test("stories260K: greedy tokens, cross-entropy and final logits match reference
     logits = m.forward([{ seq, tokens: Int32Array.of(next), adapter: -1 }]);
   }
   assert.deepEqual(got, ref.greedy.new_ids);
+  // the same continuation through forwardSample (the path generate() and the services take)
+  const fs = m.createSequence(), sampling = [{ params: greedy, recent: null, rng: st }];
+  let step = [{ seq: fs, tokens: Int32Array.from(ref.greedy.prompt_ids), adapter: -1 }];
+  const viaSample: number[] = [];
+  for (let i = 0; i < ref.greedy.new_tokens; i++) {
+    viaSample.push(m.forwardSample(step, sampling)[0]!);
+    step = [{ seq: fs, tokens: Int32Array.of(viaSample[i]!), adapter: -1 }];
+  }
+  assert.deepEqual(viaSample, ref.greedy.new_ids);
+  m.dropSequence(fs);
 
   // cross-entropy and final-position logits
   const ids = Int32Array.from(ref.cross_entropy.ids);

@@ -1,11 +1,12 @@
 // Test helpers shared by the engine / backward / training tests: weight tensors from float arrays,
-// float64 math the references need, gradient comparison, and the real stories260K checkpoint.
+// float64 math the references need, gradient comparison, the real stories260K checkpoint, and the
+// forwardSample check both engines run.
 // (Seeded random data is in random.ts; the matmul tests' fixtures in matmul_fixtures.ts.)
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { quantizeNf4, type WeightTensor } from "../src/index.js";
+import { quantizeNf4, sampleToken, seedRng, type NativeModel, type SamplingParams, type WeightTensor } from "../src/index.js";
 
 /** n values uniform in [lo, hi) drawn from r. */
 export function rand(n: number, r: () => number, lo = -1, hi = 1): Float32Array {
@@ -87,4 +88,44 @@ export function readSafetensors(path: string): Map<string, { dtype: string; shap
     out.set(name, { dtype: e.dtype, shape: e.shape, data: new Uint8Array(buf.subarray(8 + n + e.data_offsets[0], 8 + n + e.data_offsets[1])) });
   }
   return out;
+}
+
+/**
+ * NativeModel.forwardSample against forward + sampleToken on the same model: each step runs the
+ * same rows twice, on twin sequences (so the logits are the same), and every sampled token must be
+ * sampleToken's over forward's logits with a twin RNG; null rows give -1; the RNGs end equal. Row 0
+ * greedy, row 1 temperature + top-k + top-p + repetition penalty over its context, row 2 never
+ * sampled (its first step a prompt chunk), row 3 the full distribution. Six steps: a prefill, then
+ * decode steps fed with the sampled tokens. The model needs 8 free sequences.
+ */
+export function checkForwardSample(m: NativeModel, vocab: number, adapters: readonly number[]): void {
+  const specs: (SamplingParams | null)[] = [
+    { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 },
+    { temperature: 0.8, topK: 5, topP: 0.9, repetitionPenalty: 1.3 },
+    null,
+    { temperature: 4, topK: 0, topP: 1, repetitionPenalty: 1 },  // hot: tiny random models' logits can be peaked
+  ];
+  const seqsA = specs.map(() => m.createSequence()), seqsB = specs.map(() => m.createSequence());
+  const rngA = specs.map((_, i) => seedRng(BigInt(40 + i))), rngB = specs.map((_, i) => seedRng(BigInt(40 + i)));
+  const context = specs.map((_, i) => Array.from({ length: 2 + 2 * i }, (_, j) => (j * 31 + i * 17 + 3) % vocab));
+  let tokens = context.map((c) => Int32Array.from(c));
+  let nonGreedy = 0;
+  for (let step = 0; step < 6; step++) {
+    const rows = (seqs: number[]) => tokens.map((t, i) => ({ seq: seqs[i]!, tokens: t, adapter: adapters[i % adapters.length]! }));
+    const recent = (i: number) => (specs[i]!.repetitionPenalty !== 1 ? Int32Array.from(context[i]!) : null);
+    const logits = m.forward(rows(seqsA));
+    const want = specs.map((p, i) => (p ? sampleToken(logits, i * vocab, vocab, p, recent(i), rngA[i]!) : -1));
+    const got = m.forwardSample(rows(seqsB), specs.map((p, i) => (p ? { params: p, recent: recent(i), rng: rngB[i]! } : null)));
+    assert.deepEqual(Array.from(got), want, `step ${step}`);
+    specs.forEach((p, i) => {
+      let best = 0;
+      for (let v = 1; v < vocab; v++) if (logits[i * vocab + v]! > logits[i * vocab + best]!) best = v;
+      if (p && p.temperature > 0 && want[i] !== best) nonGreedy++;
+    });
+    tokens = want.map((t, i) => Int32Array.of(t >= 0 ? t : (step * 7 + i) % vocab));
+    tokens.forEach((t, i) => context[i]!.push(t[0]!));
+  }
+  rngA.forEach((r, i) => assert.deepEqual(rngB[i], r, `rng ${i} advanced as sampleToken's`));
+  assert.ok(nonGreedy > 0, "the temperature rows drew tokens other than the argmax");
+  for (const s of [...seqsA, ...seqsB]) m.dropSequence(s);
 }

@@ -78,7 +78,7 @@ export function createSequenceState(model: LoadedModel, promptIds: ArrayLike<num
       eosTokenIds: model.eosTokenIds,
       maxTotalTokens: Math.min(request.maxTotalTokens ?? model.maxContext, model.maxContext),
     },
-    new NativeSampler(sampling, model.vocabSize),
+    new NativeSampler(sampling),
   );
 }
 
@@ -96,16 +96,13 @@ export async function generate(model: LoadedModel, options: GenerateOptions): Pr
   try {
     let tokens = Int32Array.from(promptIds);
     const one = new Int32Array(1);
-    // One logits row reused by every step (a fresh [1, V] array per token would be garbage that
-    // the GC collects late: for a 128K vocabulary 0.5 MB a token).
-    const logits = new Float32Array(model.vocabSize);
     for (;;) {
       if (options.signal?.aborted) {
         state.cancel();
         break;
       }
-      native.forward([{ seq, tokens, adapter }], { out: logits });
-      const id = state.sample(logits, 0);
+      // the engine samples (on the model's device): only the token id comes back
+      const id = native.forwardSample([{ seq, tokens, adapter }], [state.sampling()])[0]!;
       if (firstTokenAt === 0) firstTokenAt = performance.now();
       const r = state.accept(id);
       options.onToken?.(r.delta, [id]);

@@ -1,10 +1,10 @@
 /**
  * Sampling parameters (validated, with the model's generation_config.json defaults) and the
- * native sampler bound to one sequence's RNG.
+ * native sampler bound to one sequence's RNG (what NativeModel.forwardSample takes per row).
  */
 import { randomBytes } from "node:crypto";
 import { InvalidArgument } from "@qlora/core";
-import { sampleToken, seedRng, type SamplingParams } from "@qlora/kernels";
+import { seedRng, type RowSampling, type SamplingParams } from "@qlora/kernels";
 import type { TokenSampler } from "./sequence.js";
 
 export interface SamplingOptions {
@@ -61,15 +61,15 @@ export function resolveSampling(options: SamplingOptions, defaults = samplingDef
   return { temperature, topK, topP, repetitionPenalty, seed };
 }
 
-/** The engine's sampling kernel over a `vocab`-wide logits row, with a per-sequence RNG. */
+/**
+ * One sequence's sampling for the engine's kernel (NativeModel.forwardSample: on the model's device,
+ * after the forward): its parameters and its own RNG, which the kernel advances in place.
+ */
 export class NativeSampler implements TokenSampler {
   private readonly rng: BigUint64Array;
   private readonly params: SamplingParams;
 
-  constructor(
-    sampling: ResolvedSampling,
-    private readonly vocab: number,
-  ) {
+  constructor(sampling: ResolvedSampling) {
     this.params = {
       temperature: sampling.temperature,
       topK: sampling.topK,
@@ -79,8 +79,7 @@ export class NativeSampler implements TokenSampler {
     this.rng = seedRng(sampling.seed);
   }
 
-  sample(logits: Float32Array, offset: number, context: Int32Array): number {
-    const recent = this.params.repetitionPenalty === 1 ? null : context;
-    return sampleToken(logits, offset, this.vocab, this.params, recent, this.rng);
+  rowSampling(context: Int32Array): RowSampling {
+    return { params: this.params, recent: this.params.repetitionPenalty === 1 ? null : context, rng: this.rng };
   }
 }

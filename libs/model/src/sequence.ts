@@ -2,12 +2,13 @@
  * Per-sequence generation state, driven one token at a time.
  *
  * `generate()` drives one of these for a single request; the inference service drives many of
- * them from its continuous-batching loop over the same NativeModel (one forward for all rows,
- * then `sample` + `accept` per row). Everything that is per sequence lives here: the ids
+ * them from its continuous-batching loop over the same NativeModel (one forwardSample for all
+ * rows with each row's `sampling()`, then `accept` per row). Everything that is per sequence lives here: the ids
  * generated so far, the repetition-penalty context, the RNG, the incremental detokenizer, the
  * stop-string matcher and the finish rules.
  */
 import { InvalidArgument } from "@qlora/core";
+import type { RowSampling } from "@qlora/kernels";
 import { IncrementalDetokenizer, type DetokenizerSource } from "./detokenizer.js";
 import { StopMatcher } from "./stop.js";
 
@@ -20,9 +21,10 @@ export interface AcceptResult {
   finishReason: FinishReason | null;
 }
 
-/** Picks the next token from one row of logits (see sampling.ts for the native sampler). */
+/** How the engine picks this sequence's next token (sampling.ts: the native sampler). */
 export interface TokenSampler {
-  sample(logits: Float32Array, offset: number, context: Int32Array): number;
+  /** `context`: prompt + generated ids (a view valid until the next accept). */
+  rowSampling(context: Int32Array): RowSampling;
 }
 
 export interface SequenceOptions {
@@ -98,10 +100,10 @@ export class SequenceState {
     return this.context.subarray(0, this.contextLength);
   }
 
-  /** Pick the next token from `logits[offset .. offset + vocab)`. */
-  sample(logits: Float32Array, offset = 0): number {
+  /** The next token's sampling, for NativeModel.forwardSample (valid until the next accept). */
+  sampling(): RowSampling {
     if (this.sampler === null) throw new InvalidArgument("this sequence has no sampler");
-    return this.sampler.sample(logits, offset, this.contextIds);
+    return this.sampler.rowSampling(this.contextIds);
   }
 
   /** Record the token the model produced; returns its text and whether the sequence ended. */

@@ -6,16 +6,18 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { Scheduler, type BatchModel, type ForwardRow, type SchedRequest, type TokenSampler } from "../src/worker/scheduler.js";
+import type { RowSampling } from "@qlora/kernels";
 import type { DoneEvent, TokenEvent } from "../src/protocol.js";
 
 const VOCAB = 32;
 const EOS = 0;
 
 class ToyModel implements BatchModel {
-  readonly vocabSize = VOCAB;
   private readonly seqs = new Map<number, number[]>();
   private next = 0;
   forwards: ForwardRow[][] = [];
+  /** Per sequence, its rows in step order: tokens fed, and whether the row was sampled. */
+  rowsOf = new Map<number, { n: number; sampled: boolean }[]>();
   dropped: number[] = [];
   constructor(private readonly maxSeqs = Infinity) {}
   get live(): number {
@@ -31,9 +33,12 @@ class ToyModel implements BatchModel {
     assert.ok(this.seqs.delete(seq), `drop of unknown seq ${seq}`);
     this.dropped.push(seq);
   }
-  forward(rows: ForwardRow[]): Float32Array {
+  /** Greedy over logits that are one-hot at a hash of the row's history and adapter. */
+  forwardSample(rows: ForwardRow[], sampling: (RowSampling | null)[]): Int32Array {
+    assert.equal(sampling.length, rows.length);
     this.forwards.push(rows.map((r) => ({ ...r, tokens: Int32Array.from(r.tokens) })));
-    const out = new Float32Array(rows.length * VOCAB);
+    rows.forEach((r, i) => this.rowsOf.set(r.seq, [...(this.rowsOf.get(r.seq) ?? []), { n: r.tokens.length, sampled: sampling[i] !== null }]));
+    const out = new Int32Array(rows.length).fill(-1);
     const seen = new Set<number>();
     rows.forEach((r, i) => {
       assert.ok(!seen.has(r.seq), "a sequence appears twice in one step");
@@ -44,18 +49,15 @@ class ToyModel implements BatchModel {
       let x = 2166136261 ^ (r.adapter + 7);
       for (const t of h) x = Math.imul(x ^ t, 16777619) >>> 0;
       // Token 0 (EOS) is rare; everything else spread over the vocabulary.
-      const best = x % 97 === 0 ? EOS : 1 + (x % (VOCAB - 1));
-      out[i * VOCAB + best] = 1;
+      if (sampling[i]) out[i] = x % 97 === 0 ? EOS : 1 + (x % (VOCAB - 1));
     });
     return out;
   }
 }
 
 class GreedySampler implements TokenSampler {
-  sample(logits: Float32Array, offset: number): number {
-    let best = 0;
-    for (let v = 1; v < VOCAB; v++) if (logits[offset + v]! > logits[offset + best]!) best = v;
-    return best;
+  sampling(): RowSampling {
+    return { params: { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 }, recent: null, rng: new BigUint64Array(4) };
   }
   accept(token: number) {
     if (token === EOS) return { delta: "", finished: true, finishReason: "stop" as const };
@@ -146,6 +148,15 @@ test("a mixed-adapter continuous batch equals each request run alone", () => {
   // The 64-token prompt was fed in chunks no larger than the step budget.
   const longSeqRows = model.forwards.flat().filter((r) => r.tokens.length > 1 && r.adapter === 3);
   assert.ok(longSeqRows.length >= 4, "long prompt was chunked");
+  // Per sequence (created in arrival order: seq i serves request i): its prompt chunks are not
+  // sampled except the last; every decode row after is.
+  for (const [seq, list] of model.rowsOf) {
+    const first = list.findIndex((x) => x.sampled);
+    assert.ok(first >= 0, `seq ${seq} sampled once its prompt was in`);
+    assert.ok(list.slice(first).every((x) => x.sampled) && list.slice(first + 1).every((x) => x.n === 1), `seq ${seq}: ${JSON.stringify(list)}`);
+    const fed = list.slice(0, first + 1).reduce((n, x) => n + x.n, 0);
+    assert.equal(fed, specs[seq]!.prompt.length, `seq ${seq}: sampled first right after its whole prompt`);
+  }
 });
 
 test("decode rows always run: a long prefill never starves running sequences", () => {
@@ -225,10 +236,10 @@ test("when the engine has fewer KV slots than maxBatch, requests wait instead of
 test("a failing forward fails only that step's requests, with INTERNAL", () => {
   const model = new ToyModel();
   let calls = 0;
-  const real = model.forward.bind(model);
-  model.forward = (rows) => {
+  const real = model.forwardSample.bind(model);
+  model.forwardSample = (rows, sampling) => {
     if (++calls === 3) throw new Error("boom");
-    return real(rows);
+    return real(rows, sampling);
   };
   const sched = new Scheduler(model, { maxBatch: 4, maxTokensPerStep: 64, maxContext: 1024 });
   const rel = new Map<number, number>();

@@ -24,4 +24,12 @@ double rngUniform(uint64_t state[4]);            // [0, 1), 53 bits
 int32_t sampleToken(const float* logits, int64_t vocab, const SamplingParams& p, const int32_t* recent,
                     int64_t nRecent, uint64_t state[4]);
 
+// One batch row's sampling: what sampleToken takes besides the logits (the engines' forwardSample).
+struct RowSampling {
+  SamplingParams p;
+  const int32_t* recent = nullptr;  // repetition-penalty context (host ids), nRecent of them
+  int64_t nRecent = 0;
+  uint64_t* rng = nullptr;          // the sequence's RNG state[4], advanced in place
+};
+
 }  // namespace qk

@@ -3,6 +3,8 @@
 // cpu/nf4.cpp (nf4Dequantize*), cpu/matmul.cpp (linearForward, linearBackwardInput, gemmF32).
 #include <mma.h>
 
+#include <type_traits>
+
 #include "cuda/common.cuh"
 
 namespace qk::cuda {
@@ -49,21 +51,46 @@ unsigned streamingGrid(int64_t work, int threads) {
 // words in 16 banks: no conflicts), multiplies the raw code values with x and scales the chunk's
 // partial sum by its absmax once. x (fp32, read through L1) is loaded once per chunk for all ROWS
 // rows. The 8 warps' partial sums are added in a fixed order: deterministic.
+// One launch can serve up to kMaxGemvParts weights that share x and K (q/k/v, gate/up: fewer,
+// fuller launches in a decode step): the grid is the parts' blocks back to back, and a block reads
+// which part (weight, absmax, bias, output) it belongs to from firstBlock.
 // =============================================================================================
 constexpr int kGemvWarps = 8;
 constexpr int kGemvChunk = 32;  // weights per lane per step
+constexpr int kMaxGemvParts = 3;
+
+struct GemvNf4Part {
+  const uint8_t* w;     // packed NF4 [N, K]
+  const float* absmax;  // fp32 per block
+  const float* bias;    // [N] or null
+  float* y;             // [M, N]
+  int64_t N;
+  int bsShift;
+  unsigned firstBlock;  // the part's blocks are [firstBlock, next part's firstBlock)
+};
+struct GemvNf4Parts {
+  GemvNf4Part p[kMaxGemvParts];
+  int n;
+};
 
 template <int M, int ROWS>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-    gemvNf4Kernel(const float* __restrict__ x, const uint8_t* __restrict__ w, const float* __restrict__ absmax,
-                  int bsShift, int64_t N, int64_t K, const float* __restrict__ bias, float* __restrict__ y,
-                  bool accumulate) {
+    gemvNf4Kernel(const float* __restrict__ x, int64_t K, GemvNf4Parts parts, bool accumulate) {
   __shared__ float lut[16];
   __shared__ float red[kGemvWarps][M * ROWS];
   if (threadIdx.x < 16) lut[threadIdx.x] = kNf4Table[threadIdx.x];
+  // this block's part (static indices: the parameter struct stays in the constant bank)
+  GemvNf4Part P = parts.p[0];
+#pragma unroll
+  for (int i = 1; i < kMaxGemvParts; ++i)
+    if (i < parts.n && blockIdx.x >= parts.p[i].firstBlock) P = parts.p[i];
+  const uint8_t* __restrict__ w = P.w;
+  const float* __restrict__ absmax = P.absmax;
+  const int64_t N = P.N;
+  const int bsShift = P.bsShift;
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * ROWS;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x - P.firstBlock) * ROWS;
   float acc[M][ROWS];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -133,8 +160,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
     if (n < N) {
       float s = 0.f;
       for (int wi = 0; wi < kGemvWarps; ++wi) s += red[wi][threadIdx.x];
-      if (bias) s += bias[n];
-      float* o = y + m * N + n;
+      if (P.bias) s += P.bias[n];
+      float* o = P.y + m * N + n;
       *o = accumulate ? *o + s : s;
     }
   }
@@ -168,18 +195,53 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// f(std::integral_constant<int, M>) for the GEMV kernels' compile-time row count M = 1..8.
+template <class F>
+void gemvRows(int64_t M, F&& f) {
+  switch (M) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+// The fast NF4 GEMV applies: NF4, K a multiple of 32, x and the packed rows 16-byte aligned.
+bool gemvNf4Fits(const float* x, const WeightView& wv) {
+  return wv.type == WType::NF4 && wv.cols % 32 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(wv.data) % 16 == 0;
+}
+
+// y_i (=|+=) x·W_iᵀ + b_i for every part, in one launch (every W_i fits gemvNf4Fits, same K).
+template <int M>
+void launchGemvNf4(const float* x, const LinearOut* outs, int n, bool accumulate, cudaStream_t st) {
+  constexpr int ROWS = M <= 2 ? 4 : 2;
+  GemvNf4Parts parts{};
+  parts.n = n;
+  unsigned blocks = 0;
+  for (int i = 0; i < n; ++i) {
+    const WeightView& wv = *outs[i].w;
+    parts.p[i] = {static_cast<const uint8_t*>(wv.data), wv.absmax, outs[i].bias, outs[i].y, wv.rows,
+                  devWeight(wv).bsShift, blocks};
+    const unsigned b = gridFor(wv.rows, ROWS);
+    checkArg(blocks + static_cast<uint64_t>(b) <= 0x7fffffffu, "fused GEMV grid too large");
+    blocks += b;
+  }
+  gemvNf4Kernel<M, ROWS><<<blocks, kGemvWarps * 32, 0, st>>>(x, outs[0].w->cols, parts, accumulate);
+  QK_CUDA_LAUNCHED();
+}
+
 template <int M>
 void launchGemv(const float* x, const WeightView& wv, const float* bias, float* y, bool accumulate, cudaStream_t st) {
-  const DevWeight w = devWeight(wv);
-  const bool fast = wv.type == WType::NF4 && wv.cols % 32 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-                    reinterpret_cast<uintptr_t>(wv.data) % 16 == 0;
-  if (fast) {
-    constexpr int ROWS = M <= 2 ? 4 : 2;
-    gemvNf4Kernel<M, ROWS><<<gridFor(wv.rows, ROWS), kGemvWarps * 32, 0, st>>>(
-        x, static_cast<const uint8_t*>(wv.data), wv.absmax, w.bsShift, wv.rows, wv.cols, bias, y, accumulate);
-  } else {
-    gemvGenericKernel<M><<<gridFor(wv.rows, 8), 256, 0, st>>>(x, w, bias, y, accumulate);
+  if (gemvNf4Fits(x, wv)) {
+    const LinearOut one{&wv, bias, y};
+    return launchGemvNf4<M>(x, &one, 1, accumulate, st);
   }
+  gemvGenericKernel<M><<<gridFor(wv.rows, 8), 256, 0, st>>>(x, devWeight(wv), bias, y, accumulate);
   QK_CUDA_LAUNCHED();
 }
 
@@ -431,17 +493,21 @@ void linearForward(const float* x, int64_t M, const WeightView& w, const float* 
   if (M == 0 || w.rows == 0) return;
   checkArg(w.cols > 0, "linearForward with K = 0 is not supported on CUDA");
   cudaStream_t st = cs(stream);
-  switch (M) {
-    case 1: return launchGemv<1>(x, w, bias, y, accumulate, st);
-    case 2: return launchGemv<2>(x, w, bias, y, accumulate, st);
-    case 3: return launchGemv<3>(x, w, bias, y, accumulate, st);
-    case 4: return launchGemv<4>(x, w, bias, y, accumulate, st);
-    case 5: return launchGemv<5>(x, w, bias, y, accumulate, st);
-    case 6: return launchGemv<6>(x, w, bias, y, accumulate, st);
-    case 7: return launchGemv<7>(x, w, bias, y, accumulate, st);
-    case 8: return launchGemv<8>(x, w, bias, y, accumulate, st);
-    default: return launchGemmBf16<false>(x, M, w, bias, y, accumulate, st);
+  if (M > 8) return launchGemmBf16<false>(x, M, w, bias, y, accumulate, st);
+  gemvRows(M, [&](auto m) { launchGemv<decltype(m)::value>(x, w, bias, y, accumulate, st); });
+}
+
+bool linearForwardMany(const float* x, int64_t M, const LinearOut* outs, int n, bool accumulate, Stream stream) {
+  checkArg(M >= 0 && n >= 0 && n <= kMaxGemvParts, "linearForwardMany: M, or 0..3 outputs");
+  bool fused = M >= 1 && M <= 8 && n > 1;
+  for (int i = 0; i < n && fused; ++i)
+    fused = gemvNf4Fits(x, *outs[i].w) && outs[i].w->cols == outs[0].w->cols && outs[i].w->rows > 0;
+  if (!fused) {
+    for (int i = 0; i < n; ++i) linearForward(x, M, *outs[i].w, outs[i].bias, outs[i].y, accumulate, stream);
+    return false;
   }
+  gemvRows(M, [&](auto m) { launchGemvNf4<decltype(m)::value>(x, outs, n, accumulate, cs(stream)); });
+  return true;
 }
 
 void linearBackwardInput(const float* dy, int64_t M, const WeightView& w, float* dx, bool accumulate, Stream stream) {

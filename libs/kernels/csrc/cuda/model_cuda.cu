@@ -355,8 +355,26 @@ void CudaModel::invalidateGraphs() {
 // y[seg] += scaling · (x[seg]·Aᵀ)·Bᵀ   (one shared base GEMV/GEMM, per-adapter fp32 low rank)
 void CudaModel::linear(int layer, Lin which, const float* x, int64_t T, float* y, bool accumulate) {
   const DevLinear& L = layers_[layer].lin[which];
-  const int64_t in = L.w.cols, out = L.w.rows;
   cuda::linearForward(x, T, L.w, L.bias, y, accumulate, stream_);
+  loraAdd(layer, which, x, y);
+}
+
+// linear() for n modules that read the same x (q/k/v, gate/up): the base products in one fused
+// GEMV launch where cuda::linearForwardMany can, then each module's LoRA.
+void CudaModel::linearMany(int layer, std::initializer_list<std::pair<Lin, float*>> outs, const float* x, int64_t T) {
+  cuda::LinearOut base[3];
+  int n = 0;
+  for (const auto& [which, y] : outs) {
+    const DevLinear& L = layers_[layer].lin[which];
+    base[n++] = {&L.w, L.bias, y};
+  }
+  cuda::linearForwardMany(x, T, base, n, false, stream_);
+  for (const auto& [which, y] : outs) loraAdd(layer, which, x, y);
+}
+
+void CudaModel::loraAdd(int layer, Lin which, const float* x, float* y) {
+  const DevLinear& L = layers_[layer].lin[which];
+  const int64_t in = L.w.cols, out = L.w.rows;
   for (const Segment& s : segments_) {
     if (s.adapter < 0) continue;
     const DevAdapter& ad = adapters_[s.adapter];
@@ -410,9 +428,7 @@ void CudaModel::runDecoder(int64_t T, float* kPool, float* vPool) {
       norm(L.norm1, x, xn, T);  // xn = norm1(x)
       ain = xn;
     }
-    linear(l, LQ, ain, T, q, false);  // q [T, qDim]
-    linear(l, LK, ain, T, k, false);  // k [T, kvDim]
-    linear(l, LV, ain, T, v, false);  // v [T, kvDim]
+    linearMany(l, {{LQ, q}, {LK, k}, {LV, v}}, ain, T);  // q [T, qDim], k, v [T, kvDim]
     if (llama) {
       cuda::ropeForward(q, T, c.heads, c.headDim, m.pos, cos_, sin_, stream_);
       cuda::ropeForward(k, T, c.kvHeads, c.headDim, m.pos, cos_, sin_, stream_);
@@ -432,8 +448,7 @@ void CudaModel::runDecoder(int64_t T, float* kPool, float* vPool) {
       min = xn;
     }
     if (llama) {
-      linear(l, LGate, min, T, g, false);                             // g [T, I]
-      linear(l, LUp, min, T, u, false);                               // u [T, I]
+      linearMany(l, {{LGate, g}, {LUp, u}}, min, T);                  // g, u [T, I]
       cuda::gatedActivationForward(c.act, g, u, g, T * I, stream_);   // g = act(g)·u
       linear(l, LDown, g, T, x, true);                                // x += down(g)
     } else {
@@ -458,6 +473,20 @@ void CudaModel::logitsStep(int64_t R) {
 }
 
 void CudaModel::forward(const RowSpec* rows, int nRows, bool allLogits, float* logits) {
+  const int64_t R = runStep(rows, nRows, allLogits);
+  const size_t bytes = static_cast<size_t>(R * cfg_.vocab) * sizeof(float);
+  cuda::copyDeviceToHost(logitsHost_.data(), logits_.data(), bytes, stream_);
+  cuda::synchronize(stream_);
+  std::memcpy(logits, logitsHost_.data(), bytes);
+}
+
+void CudaModel::forwardSample(const RowSpec* rows, int nRows, const RowSampling* const* sampling, int32_t* tokens) {
+  runStep(rows, nRows, false);
+  // the logits never leave the device: one sampling launch, nRows ids come back
+  cuda::sampleTokens(logits_.as<float>(), cfg_.vocab, sampling, nRows, tokens, sampleWs_, stream_);
+}
+
+int64_t CudaModel::runStep(const RowSpec* rows, int nRows, bool allLogits) {
   const ModelConfig& c = cfg_;
   // ---- validate (the same checks and messages as engine::Model::forward) ----
   const int64_t T = validateRows(
@@ -469,7 +498,7 @@ void CudaModel::forward(const RowSpec* rows, int nRows, bool allLogits, float* l
     if (rows[i].adapter >= 0) rank = std::max(rank, adapters_[rows[i].adapter].maxRank);
     decode = decode && rows[i].n == 1;
   }
-  const int64_t R = allLogits ? T : nRows, V = c.vocab;
+  const int64_t R = allLogits ? T : nRows;
   ensureScratch(T, R, rank);
 
   // ---- pack rows grouped by adapter (stable), so each adapter is one contiguous segment ----
@@ -538,11 +567,9 @@ void CudaModel::forward(const RowSpec* rows, int nRows, bool allLogits, float* l
     runDecoder(T, kPool, vPool);
     logitsStep(R);
   }
-  const size_t bytes = static_cast<size_t>(R * V) * sizeof(float);
-  cuda::copyDeviceToHost(logitsHost_.data(), logits_.data(), bytes, stream_);
-  cuda::synchronize(stream_);
-  std::memcpy(logits, logitsHost_.data(), bytes);
+  // the caches hold the new tokens once the queued work runs; the next use is on the same stream
   for (int i = 0; i < nRows; ++i) seqs_[rows[i].seq].len += rows[i].n;
+  return R;
 }
 
 // =============================================================================================

@@ -5,9 +5,11 @@
 // Only compiled and linked when the build found nvcc (QLORA_WITH_CUDA). Design: docs/cuda.md §6.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "cuda/qk_cuda.h"
@@ -53,6 +55,9 @@ class CudaModel {
 
   // ---- compute: the semantics of engine::Model::forward / crossEntropy (logits copied to host) ----
   void forward(const RowSpec* rows, int nRows, bool allLogits, float* logits);
+  // engine::Model::forwardSample: the logits stay on the device, one batched sampling launch
+  // (cuda::sampleTokens) picks every row's token; only the ids are downloaded.
+  void forwardSample(const RowSpec* rows, int nRows, const RowSampling* const* sampling, int32_t* tokens);
   double crossEntropy(const int32_t* tokens, int64_t T, int adapter, int64_t* count);
 
   // Device bytes held: weights, KV caches, adapters, tables, scratch.
@@ -128,9 +133,16 @@ class CudaModel {
   void runDecoder(int64_t T, float* kPool, float* vPool);
   // y[T, out] (+)= x[T, in]·Wᵀ + b + per-segment LoRA
   void linear(int layer, Lin which, const float* x, int64_t T, float* y, bool accumulate);
+  // y_i[T, out_i] = x·W_iᵀ + b_i + LoRA_i for modules sharing x (the base GEMVs fused into one launch)
+  void linearMany(int layer, std::initializer_list<std::pair<Lin, float*>> outs, const float* x, int64_t T);
+  // y[seg] += scaling·(x[seg]·Aᵀ)·Bᵀ for every segment whose adapter has this module
+  void loraAdd(int layer, Lin which, const float* x, float* y);
   void norm(const DevNorm& n, const float* x, float* y, int64_t rows);
   // logits_[R, V] = lm_head(finalNorm(x_[rowIdx[r]]))
   void logitsStep(int64_t R);
+  // Validates and packs the rows, queues the decoder + logitsStep (a captured graph for decode
+  // steps) and appends the tokens to their sequences; returns R, the logits rows left in logits_.
+  int64_t runStep(const RowSpec* rows, int nRows, bool allLogits);
 
   std::unique_ptr<Model> host_;  // validation, module names, norms/biases and RoPE tables (host)
   ModelConfig cfg_;
@@ -163,6 +175,7 @@ class CudaModel {
   cuda::Buffer x_, xn_, q_, k_, v_, att_, g_, u_, lora_, sel_, logits_, meta_;
   cuda::PinnedBuffer metaHost_, logitsHost_;
   cuda::Workspace ws_;
+  cuda::Workspace sampleWs_;  // cuda::sampleTokens' slots
   std::vector<Segment> segments_;
   std::vector<int> order_;
   std::vector<int64_t> rowStart_;

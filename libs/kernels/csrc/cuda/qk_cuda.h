@@ -140,6 +140,18 @@ void nf4DequantizeBf16(const uint8_t* packed, const float* absmax, int64_t n, in
 // shared memory.
 void linearForward(const float* x, int64_t M, const WeightView& w, const float* bias, float* y, bool accumulate,
                    Stream stream = nullptr);
+// One output of linearForwardMany: y[M, w.rows] (=|+=) x·wᵀ + bias.
+struct LinearOut {
+  const WeightView* w;
+  const float* bias;
+  float* y;
+};
+// linearForward for up to 3 weights that read the same x (q/k/v; gate/up): at M <= 8 with every
+// weight on the fast NF4 GEMV (NF4, K % 32 == 0, 16-byte aligned, same K) one launch computes all
+// of them, with the same per-output arithmetic as linearForward; otherwise one linearForward each.
+// Returns whether it fused.
+bool linearForwardMany(const float* x, int64_t M, const LinearOut* outs, int n, bool accumulate,
+                       Stream stream = nullptr);
 // dx[M,K] (=|+=) dy[M,N]·W (bf16 tensor cores for any M; training only).
 void linearBackwardInput(const float* dy, int64_t M, const WeightView& w, float* dx, bool accumulate,
                          Stream stream = nullptr);
@@ -271,9 +283,11 @@ void sumSquaresMany(const float* const* g, const int64_t* n, int count, double* 
                     Stream stream = nullptr);
 
 // ---- sampling -----------------------------------------------------------------------------------
-// qk::sampleToken on device logits: the same order of operations and the same single draw from the
-// host RNG `state` (advanced exactly as the CPU path does). recent: device ids (may be null).
-int32_t sampleToken(const float* logits, int64_t vocab, const SamplingParams& p, const int32_t* recent,
-                    int64_t nRecent, uint64_t state[4], Workspace& ws, Stream stream = nullptr);
+// qk::sampleToken for a batch of device logits rows ([nRows, vocab]): rows[i] (host; null = row i is
+// not sampled, tokens[i] = -1) gives row i's parameters, its recent ids (host) and its RNG, advanced
+// exactly as the CPU path does (one draw per sampled row when temperature > 0, in row order). One
+// launch (a block per sampled row), one download of the picked ids, then synchronises.
+void sampleTokens(const float* logits, int64_t vocab, const RowSampling* const* rows, int nRows, int32_t* tokens,
+                  Workspace& ws, Stream stream = nullptr);
 
 }  // namespace qk::cuda

@@ -3,14 +3,17 @@
 // u ∈ [0,1) from the caller's host RNG walking the kept tokens in rank order (logit desc, id asc;
 // id order when nothing is cut).
 //
-// One block of 1024 threads does it all (no sort): "the first token, in rank order, at which a
+// One block of 1024 threads per row does it all (no sort; sampleTokens launches one block per sampled
+// row of a batch, each with its own parameters, draw and repetition context): "the first token, in rank order, at which a
 // cumulative quantity exceeds a target" is found by a radix descent over a 32-bit rank key (4 levels
 // of 8-bit histograms, then a scan over the ids that share the final key). The quantity is a count
 // (top-k: the k-th token) or the probability mass (top-p prefix, the draw). Masses are unsigned
 // 24.40 fixed point (prob·2⁴⁰, prob <= 1), so the shared-memory histogram atomics are integer adds:
 // the same bits on every run. A token's probability is truncated to a multiple of 2⁻⁴⁰; a draw can
 // differ from the CPU's float64 walk only when u falls within ~vocab·2⁻⁴⁰ of a boundary.
+#include <algorithm>
 #include <climits>
+#include <vector>
 
 #include "cuda/common.cuh"
 
@@ -138,8 +141,10 @@ struct SampleArgs {
   int32_t* result;
 };
 
-__global__ void __launch_bounds__(kSampleThreads) sampleKernel(SampleArgs a) {
+// grid: one block per sampled row; rows[blockIdx.x] is that row's work.
+__global__ void __launch_bounds__(kSampleThreads) sampleKernel(const SampleArgs* rows) {
   __shared__ SampleShared sh;
+  const SampleArgs a = rows[blockIdx.x];
   const int64_t V = a.V;
   // 1. repetition penalty from the original logit (a repeated id counts once)
   const float* L = a.logits;
@@ -243,29 +248,63 @@ __global__ void __launch_bounds__(kSampleThreads) sampleKernel(SampleArgs a) {
 
 }  // namespace
 
-int32_t sampleToken(const float* logits, int64_t vocab, const SamplingParams& p, const int32_t* recent,
-                    int64_t nRecent, uint64_t state[4], Workspace& ws, Stream stream) {
+void sampleTokens(const float* logits, int64_t vocab, const RowSampling* const* rows, int nRows, int32_t* tokens,
+                  Workspace& ws, Stream stream) {
   checkArg(vocab >= 1 && vocab <= INT32_MAX, "vocab size");
-  SampleArgs a{};
-  a.logits = logits;
-  a.V = vocab;
-  a.temperature = p.temperature;
-  a.invT = p.temperature > 0.f ? 1.f / p.temperature : 0.f;
-  a.topK = p.topK;
-  a.topP = p.topP;
-  a.penalty = p.repetitionPenalty;
-  a.recent = recent;
-  a.nRecent = recent ? nRecent : 0;
-  if (p.repetitionPenalty != 1.f && recent && nRecent > 0) a.work = ws.get<float>(0, static_cast<size_t>(vocab));
-  // exactly one draw per sampled token, none when greedy (the CPU's RNG protocol)
-  a.u = p.temperature > 0.f ? rngUniform(state) : 0.0;
-  a.result = ws.get<int32_t>(1, 1);
-  sampleKernel<<<1, kSampleThreads, 0, cs(stream)>>>(a);
+  checkArg(nRows >= 0, "row count");
+  auto penalised = [](const RowSampling& r) { return r.p.repetitionPenalty != 1.f && r.recent && r.nRecent > 0; };
+  int nSampled = 0, nPenalised = 0;
+  int64_t nRecent = 0;
+  for (int i = 0; i < nRows; ++i) {
+    tokens[i] = -1;
+    if (!rows[i]) continue;
+    ++nSampled;
+    if (penalised(*rows[i])) ++nPenalised, nRecent += rows[i]->nRecent;
+  }
+  if (nSampled == 0) return;
+  // Device scratch: slot 0 the penalised copies [nPenalised, V], 1 the results, 2 the recent ids of
+  // every penalised row back to back, 3 the per-row arguments.
+  float* work = nPenalised ? ws.get<float>(0, static_cast<size_t>(nPenalised) * static_cast<size_t>(vocab)) : nullptr;
+  int32_t* result = ws.get<int32_t>(1, static_cast<size_t>(nSampled));
+  int32_t* recentDev = nRecent ? ws.get<int32_t>(2, static_cast<size_t>(nRecent)) : nullptr;
+  SampleArgs* argsDev = static_cast<SampleArgs*>(ws.get(3, sizeof(SampleArgs) * static_cast<size_t>(nSampled)));
+
+  std::vector<SampleArgs> args(static_cast<size_t>(nSampled));
+  std::vector<int32_t> recentHost(static_cast<size_t>(nRecent));
+  int k = 0, pen = 0;
+  int64_t rec = 0;
+  for (int i = 0; i < nRows; ++i) {
+    if (!rows[i]) continue;
+    const RowSampling& r = *rows[i];
+    SampleArgs& a = args[static_cast<size_t>(k)];
+    a.logits = logits + static_cast<int64_t>(i) * vocab;
+    a.V = vocab;
+    a.temperature = r.p.temperature;
+    a.invT = r.p.temperature > 0.f ? 1.f / r.p.temperature : 0.f;
+    a.topK = r.p.topK;
+    a.topP = r.p.topP;
+    a.penalty = r.p.repetitionPenalty;
+    if (penalised(r)) {
+      a.work = work + static_cast<int64_t>(pen++) * vocab;
+      std::copy(r.recent, r.recent + r.nRecent, recentHost.begin() + rec);
+      a.recent = recentDev + rec;
+      a.nRecent = r.nRecent;
+      rec += r.nRecent;
+    }
+    // exactly one draw per sampled token, none when greedy (the CPU's RNG protocol), in row order
+    a.u = r.p.temperature > 0.f ? rngUniform(r.rng) : 0.0;
+    a.result = result + k;
+    ++k;
+  }
+  if (nRecent) copyHostToDevice(recentDev, recentHost.data(), recentHost.size() * sizeof(int32_t), stream);
+  copyHostToDevice(argsDev, args.data(), args.size() * sizeof(SampleArgs), stream);
+  sampleKernel<<<nSampled, kSampleThreads, 0, cs(stream)>>>(argsDev);
   QK_CUDA_LAUNCHED();
-  int32_t token = -1;
-  QK_CUDA_CHECK(cudaMemcpyAsync(&token, a.result, sizeof(token), cudaMemcpyDeviceToHost, cs(stream)));
-  QK_CUDA_CHECK(cudaStreamSynchronize(cs(stream)));
-  return token;
+  std::vector<int32_t> picked(static_cast<size_t>(nSampled));
+  copyDeviceToHost(picked.data(), result, picked.size() * sizeof(int32_t), stream);
+  synchronize(stream);  // also keeps the pageable host sources alive until the copies ran
+  for (int i = 0, j = 0; i < nRows; ++i)
+    if (rows[i]) tokens[i] = picked[static_cast<size_t>(j++)];
 }
 
 }  // namespace qk::cuda

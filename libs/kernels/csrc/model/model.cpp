@@ -590,6 +590,16 @@ void Model::forward(const RowSpec* rows, int nRows, bool allLogits, float* logit
   baseLinear(sel_.data(), R, lmHead_, nullptr, logits, false);  // logits [R, V]
 }
 
+void Model::forwardSample(const RowSpec* rows, int nRows, const RowSampling* const* sampling, int32_t* tokens) {
+  const int64_t V = cfg_.vocab;
+  if (nRows > 0) sampleLogits_.resize(static_cast<size_t>(nRows) * static_cast<size_t>(V));
+  forward(rows, nRows, false, sampleLogits_.data());
+  for (int i = 0; i < nRows; ++i) {
+    const RowSampling* r = sampling[i];
+    tokens[i] = r ? sampleToken(sampleLogits_.data() + i * V, V, r->p, r->recent, r->nRecent, r->rng) : -1;
+  }
+}
+
 void Model::baseLinear(const float* x, int64_t rows, const WeightView& w, const float* bias, float* y,
                        bool accumulate) const {
   // linearForwardInt8 itself falls back to linearForward outside NF4 / K % blocksize == 0 / rows <= 8
@@ -690,7 +700,7 @@ size_t Model::residentBytes() const {
   for (const Adapter& a : adapters_) b += a.bytes;
   auto vb = [](const auto& v) { return v.capacity() * sizeof(v[0]); };
   b += vb(cos_) + vb(sin_) + vb(x_) + vb(xn_) + vb(q_) + vb(k_) + vb(v_) + vb(att_) + vb(g_) + vb(u_) + vb(lora_) +
-       vb(tokIds_) + vb(tokPos_) + vb(tokSeq_) + vb(kPtr_) + vb(vPtr_) + vb(sel_) + vb(ceBuf_) + vb(outStart_) +
+       vb(tokIds_) + vb(tokPos_) + vb(tokSeq_) + vb(kPtr_) + vb(vPtr_) + vb(sel_) + vb(ceBuf_) + vb(sampleLogits_) + vb(outStart_) +
        vb(rowStart_) + vb(order_) + vb(segments_) + vb(packedSegments_);
   return b;
 }

@@ -13,6 +13,7 @@
 #include "cpu/attention.h"
 #include "cpu/ops.h"
 #include "cpu/matmul.h"
+#include "cpu/sampling.h"
 
 namespace qk {
 namespace engine {
@@ -200,6 +201,10 @@ class Model {
   // Appends each row's tokens to its sequence, returns logits into `logits`:
   // [nRows, V] (last token of each row) or [Σn, V] (allLogits, rows in the given order).
   void forward(const RowSpec* rows, int nRows, bool allLogits, float* logits);
+  // forward, then one token per row picked from its last-token logits by sampleToken with
+  // sampling[i] (null: the row is not sampled, tokens[i] = -1; e.g. a prompt chunk that is not the
+  // prompt's last). The logits stay inside (CudaModel: on the device).
+  void forwardSample(const RowSpec* rows, int nRows, const RowSampling* const* sampling, int32_t* tokens);
   // Mean next-token cross-entropy of tokens[0..T) (T >= 2) with vocab-chunked logits; returns the
   // mean and sets *count = T - 1.
   double crossEntropy(const int32_t* tokens, int64_t T, int adapter, int64_t* count);
@@ -296,7 +301,7 @@ class Model {
   std::vector<int> order_;
   std::vector<int64_t> rowStart_;
   std::vector<int64_t> outStart_;  // forward: first logits row of each caller row
-  std::vector<float> sel_, ceBuf_;
+  std::vector<float> sel_, ceBuf_, sampleLogits_;
 };
 
 }  // namespace engine

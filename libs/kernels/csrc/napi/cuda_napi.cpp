@@ -192,6 +192,35 @@ Napi::Value testLinear(const Napi::CallbackInfo& info) {
   });
 }
 
+// cudaTestLinearMany(x, M, weights: WeightTensor[], biases: (Float32Array|null)[]) -> {ys: y_i[], fused}
+Napi::Value testLinearMany(const Napi::CallbackInfo& info) {
+  return guarded(info, [&]() -> Napi::Value {
+    cu::requireDevice();
+    const int64_t M = intArg(info[1], "M");
+    Napi::Array ws = info[2].As<Napi::Array>(), bs = info[3].As<Napi::Array>();
+    const uint32_t n = ws.Length();
+    if (n < 1 || n > 3 || bs.Length() != n) throw Napi::RangeError::New(info.Env(), "1..3 weights, one bias entry each");
+    std::vector<DeviceWeight> w(n);
+    std::vector<cu::Buffer> bias(n), y(n);
+    std::vector<cu::LinearOut> outs(n);
+    for (uint32_t i = 0; i < n; ++i) {
+      w[i] = weightOf(ws.Get(i));
+      const int64_t N = w[i].view.rows;
+      if (!isNull(bs.Get(i))) bias[i] = upF32(bs.Get(i), static_cast<size_t>(N), "bias");
+      y[i] = cu::Buffer(static_cast<size_t>(M * N) * 4);
+      outs[i] = {&w[i].view, bias[i].as<float>(), y[i].as<float>()};
+    }
+    cu::Buffer x = upF32(info[0], static_cast<size_t>(M * w[0].view.cols), "x");
+    const bool fused = cu::linearForwardMany(x.as<float>(), M, outs.data(), static_cast<int>(n), false);
+    Napi::Array ys = Napi::Array::New(info.Env(), n);
+    for (uint32_t i = 0; i < n; ++i) ys.Set(i, downF32(info.Env(), y[i], static_cast<size_t>(M * w[i].view.rows)));
+    Napi::Object r = Napi::Object::New(info.Env());
+    r.Set("ys", ys);
+    r.Set("fused", fused);
+    return r;
+  });
+}
+
 // cudaTestLinearBackwardInput(dy, M, weight, dxInit|null) -> dx
 Napi::Value testLinearBackwardInput(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
@@ -577,16 +606,18 @@ Napi::Value testSample(const Napi::CallbackInfo& info) {
     p.topK = static_cast<int>(num(po, "topK"));
     p.topP = static_cast<float>(num(po, "topP"));
     p.repetitionPenalty = static_cast<float>(num(po, "repetitionPenalty"));
-    cu::Buffer dl = up(l.data, l.n), rec;
-    int64_t nRecent = 0;
+    cu::Buffer dl = up(l.data, l.n);
+    qk::RowSampling row;
+    row.p = p;
     if (!isNull(info[2])) {
-      nRecent = static_cast<int64_t>(info[2].As<Napi::Int32Array>().ElementLength());
-      rec = up(typed<int32_t>(info[2], napi_int32_array, static_cast<size_t>(nRecent), "recent"),
-               static_cast<size_t>(nRecent));
+      row.nRecent = static_cast<int64_t>(info[2].As<Napi::Int32Array>().ElementLength());
+      row.recent = typed<int32_t>(info[2], napi_int32_array, static_cast<size_t>(row.nRecent), "recent");
     }
-    uint64_t* state = const_cast<uint64_t*>(typed<uint64_t>(info[3], napi_biguint64_array, 4, "rng"));
+    row.rng = const_cast<uint64_t*>(typed<uint64_t>(info[3], napi_biguint64_array, 4, "rng"));
     cu::Workspace ws;
-    const int32_t t = cu::sampleToken(dl.as<float>(), static_cast<int64_t>(l.n), p, rec.as<int32_t>(), nRecent, state, ws);
+    const qk::RowSampling* rows[1] = {&row};
+    int32_t t = -1;
+    cu::sampleTokens(dl.as<float>(), static_cast<int64_t>(l.n), rows, 1, &t, ws);
     return Napi::Number::New(info.Env(), t);
   });
 }
@@ -658,6 +689,34 @@ Napi::Value bench(const Napi::CallbackInfo& info) {
         r.Set("backwardMs", bms);
         r.Set("backwardTflops", 2.0 * M * N * K / (bms * 1e9));
       }
+    } else if (kind == "gemvMany") {
+      // weights of rows N0, N1, N2 (0: absent) over the same x [M, K]: one fused launch vs one each
+      const int64_t M = static_cast<int64_t>(optNum(o, "M", 1)), K = static_cast<int64_t>(optNum(o, "K", 2048));
+      std::vector<int64_t> Ns;
+      for (const char* key : {"N0", "N1", "N2"})
+        if (const int64_t n = static_cast<int64_t>(optNum(o, key, 0)); n > 0) Ns.push_back(n);
+      const size_t n = Ns.size();
+      std::vector<cu::Buffer> wd(n), wa(n), y(n);
+      std::vector<qk::WeightView> w(n);
+      std::vector<cu::LinearOut> outs(n);
+      double wbytes = 0;
+      for (size_t i = 0; i < n; ++i) {
+        w[i] = nf4Weight(Ns[i], K, 64, wd[i], wa[i]);
+        y[i] = cu::Buffer(static_cast<size_t>(M * Ns[i]) * 4);
+        outs[i] = {&w[i], nullptr, y[i].as<float>()};
+        wbytes += static_cast<double>(Ns[i] * K) / 2 + static_cast<double>(Ns[i] * K / 64) * 4;
+      }
+      auto xs = randomFloats(static_cast<size_t>(M * K), 3, 1.f);
+      cu::Buffer x = up(xs.data(), xs.size());
+      bool fused = false;
+      const double ms = cu::timeMs([&] { fused = cu::linearForwardMany(x.as<float>(), M, outs.data(), static_cast<int>(n), false); }, iters);
+      const double sms = cu::timeMs([&] {
+        for (size_t i = 0; i < n; ++i) cu::linearForward(x.as<float>(), M, w[i], nullptr, y[i].as<float>(), false);
+      }, iters);
+      r.Set("fused", fused);
+      r.Set("ms", ms);
+      r.Set("separateMs", sms);
+      r.Set("weightGBps", wbytes / (ms * 1e6));
     } else if (kind == "lora") {
       const int64_t N = static_cast<int64_t>(optNum(o, "N", 4096)), in = static_cast<int64_t>(optNum(o, "in", 2048)),
                     out = static_cast<int64_t>(optNum(o, "out", 2048));
@@ -748,6 +807,7 @@ QK_EXPORT("cudaInfo", cudaInfo);
 #ifdef QLORA_WITH_CUDA
 QK_EXPORT("cudaTestNf4Dequantize", testNf4Dequantize);
 QK_EXPORT("cudaTestLinear", testLinear);
+QK_EXPORT("cudaTestLinearMany", testLinearMany);
 QK_EXPORT("cudaTestLinearBackwardInput", testLinearBackwardInput);
 QK_EXPORT("cudaTestGemm", testGemm);
 QK_EXPORT("cudaTestLoraLinear", testLoraLinear);

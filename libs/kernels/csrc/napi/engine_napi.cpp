@@ -163,6 +163,27 @@ qk::engine::ModelConfig configOf(const Napi::Value& v) {
   return c;
 }
 
+// {temperature, topK, topP, repetitionPenalty} → SamplingParams (validated as sampleToken needs)
+qk::SamplingParams samplingParamsOf(const Napi::Value& v, const std::string& what) {
+  if (!v.IsObject()) fail("INVALID_ARGUMENT", what + ": params must be an object");
+  Napi::Object po = v.As<Napi::Object>();
+  qk::SamplingParams p;
+  p.temperature = static_cast<float>(num(po, "temperature", "params"));
+  p.topK = intOf(po, "topK", "params");
+  p.topP = static_cast<float>(num(po, "topP", "params"));
+  p.repetitionPenalty = static_cast<float>(num(po, "repetitionPenalty", "params"));
+  if (!(p.temperature >= 0) || !(p.topP > 0) || !(p.repetitionPenalty > 0))
+    fail("INVALID_ARGUMENT", what + ": needs temperature >= 0, topP > 0, repetitionPenalty > 0");
+  return p;
+}
+
+// a seedRng state: BigUint64Array(4), advanced in place by the sampler
+uint64_t* rngOf(const Napi::Value& v, const std::string& what) {
+  auto rng = typed<uint64_t>(v, napi_biguint64_array, what, "a BigUint64Array");
+  if (rng.length < 4) fail("INVALID_ARGUMENT", what + " must be a BigUint64Array(4)");
+  return rng.data;
+}
+
 // =================================================================================================
 // NativeModel
 // =================================================================================================
@@ -178,6 +199,7 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
                            InstanceMethod<&NativeModelWrap::SetAdapter>("setAdapter"),
                            InstanceMethod<&NativeModelWrap::RemoveAdapter>("removeAdapter"),
                            InstanceMethod<&NativeModelWrap::Forward>("forward"),
+                           InstanceMethod<&NativeModelWrap::ForwardSample>("forwardSample"),
                            InstanceMethod<&NativeModelWrap::CrossEntropy>("crossEntropy"),
                            InstanceMethod<&NativeModelWrap::ResidentBytes>("residentBytes"),
                            InstanceMethod<&NativeModelWrap::Info>("info"),
@@ -367,38 +389,79 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
   }
   template <typename M>
   Napi::Value ForwardOn(const Napi::CallbackInfo& info, M& m) {
-    {
-      if (!info[0].IsArray()) fail("INVALID_ARGUMENT", "forward: rows must be an array");
-      Napi::Array rows = info[0].As<Napi::Array>();
-      const bool all = info.Length() > 1 && info[1].ToBoolean().Value();
-      const uint32_t n = rows.Length();
-      rows_.resize(n);
-      int64_t total = 0;
-      for (uint32_t i = 0; i < n; ++i) {
-        Napi::Value rv = rows.Get(i);
-        if (!rv.IsObject()) fail("INVALID_ARGUMENT", "forward: each row must be {seq, tokens, adapter}");
-        Napi::Object r = rv.As<Napi::Object>();
-        auto tok = i32(r.Get("tokens"), "forward: row.tokens");
-        Napi::Value ad = r.Get("adapter");
-        rows_[i].seq = intOf(r, "seq", "row");
-        rows_[i].tokens = tok.data;
-        rows_[i].n = static_cast<int64_t>(tok.length);
-        rows_[i].adapter = ad.IsUndefined() || ad.IsNull() ? -1 : intArg(ad, "row.adapter");
-        total += rows_[i].n;
-      }
-      const int64_t R = all ? total : n;
-      const size_t need = static_cast<size_t>(R) * m.config().vocab;
-      Napi::Float32Array out;
-      if (info.Length() > 2 && info[2].IsTypedArray()) {
-        auto o = f32(info[2], "forward: out");
-        if (o.length < need) fail("INVALID_ARGUMENT", "forward: out holds " + std::to_string(o.length) + " floats, needs " + std::to_string(need));
-        out = info[2].As<Napi::Float32Array>();
-      } else {
-        out = Napi::Float32Array::New(info.Env(), need);
-      }
-      m.forward(rows_.data(), static_cast<int>(n), all, out.Data());
-      return out;
+    const int64_t total = parseRows(info[0], "forward");
+    const bool all = info.Length() > 1 && info[1].ToBoolean().Value();
+    const int64_t R = all ? total : static_cast<int64_t>(rows_.size());
+    const size_t need = static_cast<size_t>(R) * m.config().vocab;
+    Napi::Float32Array out;
+    if (info.Length() > 2 && info[2].IsTypedArray()) {
+      auto o = f32(info[2], "forward: out");
+      if (o.length < need) fail("INVALID_ARGUMENT", "forward: out holds " + std::to_string(o.length) + " floats, needs " + std::to_string(need));
+      out = info[2].As<Napi::Float32Array>();
+    } else {
+      out = Napi::Float32Array::New(info.Env(), need);
     }
+    m.forward(rows_.data(), static_cast<int>(rows_.size()), all, out.Data());
+    return out;
+  }
+
+  // forwardSample(rows, sampling: ({params, recent: Int32Array | null, rng: BigUint64Array(4)} | null)[])
+  // → Int32Array: each row's sampled token (-1 where sampling[i] is null); the rngs advance in place
+  Napi::Value ForwardSample(const Napi::CallbackInfo& info) {
+    return guarded(info, [&]() -> Napi::Value { return withModel([&](auto& m) { return ForwardSampleOn(info, m); }); });
+  }
+  template <typename M>
+  Napi::Value ForwardSampleOn(const Napi::CallbackInfo& info, M& m) {
+    parseRows(info[0], "forwardSample");
+    const uint32_t n = static_cast<uint32_t>(rows_.size());
+    if (!info[1].IsArray() || info[1].As<Napi::Array>().Length() != n)
+      fail("INVALID_ARGUMENT", "forwardSample: sampling must be an array with one entry (or null) per row");
+    Napi::Array specs = info[1].As<Napi::Array>();
+    sampling_.resize(n);
+    samplingPtrs_.resize(n);
+    for (uint32_t i = 0; i < n; ++i) {
+      Napi::Value sv = specs.Get(i);
+      samplingPtrs_[i] = nullptr;
+      if (sv.IsNull() || sv.IsUndefined()) continue;
+      if (!sv.IsObject()) fail("INVALID_ARGUMENT", "forwardSample: sampling[i] must be {params, recent, rng} or null");
+      Napi::Object so = sv.As<Napi::Object>();
+      qk::RowSampling& r = sampling_[i];
+      r = qk::RowSampling{};
+      r.p = samplingParamsOf(so.Get("params"), "forwardSample");
+      Napi::Value rec = so.Get("recent");
+      if (!rec.IsNull() && !rec.IsUndefined()) {
+        auto ids = i32(rec, "forwardSample: sampling.recent");
+        r.recent = ids.data;
+        r.nRecent = static_cast<int64_t>(ids.length);
+      }
+      r.rng = rngOf(so.Get("rng"), "forwardSample: sampling.rng");
+      samplingPtrs_[i] = &r;
+    }
+    Napi::Int32Array tokens = Napi::Int32Array::New(info.Env(), n);
+    m.forwardSample(rows_.data(), static_cast<int>(n), samplingPtrs_.data(), tokens.Data());
+    return tokens;
+  }
+
+  // rows_ ← rows: {seq, tokens: Int32Array, adapter}[] (views into the JS arrays); returns Σ tokens
+  int64_t parseRows(const Napi::Value& v, const std::string& what) {
+    if (!v.IsArray()) fail("INVALID_ARGUMENT", what + ": rows must be an array");
+    Napi::Array rows = v.As<Napi::Array>();
+    const uint32_t n = rows.Length();
+    rows_.resize(n);
+    int64_t total = 0;
+    for (uint32_t i = 0; i < n; ++i) {
+      Napi::Value rv = rows.Get(i);
+      if (!rv.IsObject()) fail("INVALID_ARGUMENT", what + ": each row must be {seq, tokens, adapter}");
+      Napi::Object r = rv.As<Napi::Object>();
+      auto tok = i32(r.Get("tokens"), what + ": row.tokens");
+      Napi::Value ad = r.Get("adapter");
+      rows_[i].seq = intOf(r, "seq", "row");
+      rows_[i].tokens = tok.data;
+      rows_[i].n = static_cast<int64_t>(tok.length);
+      rows_[i].adapter = ad.IsUndefined() || ad.IsNull() ? -1 : intArg(ad, "row.adapter");
+      total += rows_[i].n;
+    }
+    return total;
   }
 
   // crossEntropy(tokens: Int32Array, adapter) → {loss, tokens}
@@ -465,6 +528,8 @@ class NativeModelWrap : public Napi::ObjectWrap<NativeModelWrap> {
   std::vector<Napi::ObjectReference> weightRefs_;
   std::vector<std::vector<Napi::ObjectReference>> adapterRefs_;
   std::vector<qk::engine::RowSpec> rows_;
+  std::vector<qk::RowSampling> sampling_;
+  std::vector<const qk::RowSampling*> samplingPtrs_;
 };
 
 // engineModelClass() → the NativeModel constructor (src/engine.ts calls it once per thread)
@@ -480,15 +545,7 @@ Napi::Value engineSampleToken(const Napi::CallbackInfo& info) {
     const int offset = intArg(info[1], "offset"), vocab = intArg(info[2], "vocab");
     if (offset < 0 || vocab <= 0 || static_cast<size_t>(offset) + vocab > logits.length)
       fail("INVALID_ARGUMENT", "sampleToken: logits[offset, offset+vocab) is out of range");
-    if (!info[3].IsObject()) fail("INVALID_ARGUMENT", "sampleToken: params must be an object");
-    Napi::Object po = info[3].As<Napi::Object>();
-    qk::SamplingParams p;
-    p.temperature = static_cast<float>(num(po, "temperature", "params"));
-    p.topK = intOf(po, "topK", "params");
-    p.topP = static_cast<float>(num(po, "topP", "params"));
-    p.repetitionPenalty = static_cast<float>(num(po, "repetitionPenalty", "params"));
-    if (!(p.temperature >= 0) || !(p.topP > 0) || !(p.repetitionPenalty > 0))
-      fail("INVALID_ARGUMENT", "sampleToken: needs temperature >= 0, topP > 0, repetitionPenalty > 0");
+    const qk::SamplingParams p = samplingParamsOf(info[3], "sampleToken");
     const int32_t* recent = nullptr;
     int64_t nRecent = 0;
     if (!info[4].IsNull() && !info[4].IsUndefined()) {
@@ -496,9 +553,8 @@ Napi::Value engineSampleToken(const Napi::CallbackInfo& info) {
       recent = r.data;
       nRecent = static_cast<int64_t>(r.length);
     }
-    auto rng = typed<uint64_t>(info[5], napi_biguint64_array, "rng", "a BigUint64Array");
-    if (rng.length < 4) fail("INVALID_ARGUMENT", "rng must be a BigUint64Array(4)");
-    int32_t tok = qk::sampleToken(logits.data + offset, vocab, p, recent, nRecent, rng.data);
+    uint64_t* rng = rngOf(info[5], "rng");
+    int32_t tok = qk::sampleToken(logits.data + offset, vocab, p, recent, nRecent, rng);
     return Napi::Number::New(info.Env(), tok);
   });
 }

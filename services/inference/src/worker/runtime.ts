@@ -108,18 +108,10 @@ class Runtime implements RuntimeModel {
     private readonly lm: LoadedModel,
   ) {
     const native = lm.native;
-    // One logits buffer for every step (grown to the largest batch seen): a fresh [rows, vocab]
-    // array per step would be ~0.5 MB of garbage per token for a 128K vocabulary.
-    let logits = new Float32Array(0);
     this.batch = {
-      vocabSize: lm.vocabSize,
       createSequence: () => native.createSequence(),
       dropSequence: (seq: number) => native.dropSequence(seq),
-      forward: (rows: ForwardRow[]) => {
-        const need = rows.length * lm.vocabSize;
-        if (logits.length < need) logits = new Float32Array(need);
-        return native.forward(rows, { out: logits });
-      },
+      forwardSample: (rows, sampling) => native.forwardSample(rows, sampling),
     };
   }
 
@@ -154,7 +146,7 @@ class Runtime implements RuntimeModel {
       this.lm.tokenizer,
       promptIds,
       { maxNewTokens: o.maxNewTokens, stop: o.stop, eosTokenIds: this.lm.eosTokenIds, maxTotalTokens: o.maxTotalTokens },
-      new NativeSampler(sampling, this.lm.vocabSize),
+      new NativeSampler(sampling),
     );
   }
 

@@ -9,13 +9,14 @@
  *      budget left (maxTokensPerStep).
  * Every row carries its own adapter slot, so requests for different adapters share the step
  * (Punica/S-LoRA style); the engine applies each row's LoRA after the shared base product.
- * After the forward, every row whose prompt is now complete samples one token with its own
- * sampler (own params, own RNG); finished sequences (EOS, stop string, length, cancel, deadline)
+ * The same call samples one token for every row whose prompt is now complete, each with its own
+ * sampling (own params, own RNG; on the engine's device); finished sequences (EOS, stop string, length, cancel, deadline)
  * leave the batch at once, and their KV slot and adapter reference are released.
  *
  * Requests join and leave only between steps, so nothing here needs locking: the worker's event
  * loop delivers messages between steps.
  */
+import type { RowSampling } from "@qlora/kernels";
 import type { DoneEvent, FinishReasonName, SerializedError, TokenEvent } from "../protocol.js";
 
 export interface ForwardRow {
@@ -27,11 +28,10 @@ export interface ForwardRow {
 
 /** The slice of the engine the scheduler drives (the real one is libs/kernels' NativeModel). */
 export interface BatchModel {
-  readonly vocabSize: number;
   createSequence(): number;
   dropSequence(seq: number): void;
-  /** Last-token logits of every row, [rows, vocab]. */
-  forward(rows: ForwardRow[]): Float32Array;
+  /** Runs the rows; returns one sampled token per row whose `sampling` entry is set, -1 for the others. */
+  forwardSample(rows: ForwardRow[], sampling: (RowSampling | null)[]): Int32Array;
 }
 
 export interface SampleOutcome {
@@ -43,7 +43,8 @@ export interface SampleOutcome {
 
 /** Per-sequence sampling + detokenization state (the real one is libs/model's SequenceState). */
 export interface TokenSampler {
-  sample(logits: Float32Array, offset: number): number;
+  /** What the engine needs to pick this sequence's next token (valid until the next accept). */
+  sampling(): RowSampling;
   accept(token: number): SampleOutcome;
 }
 
@@ -217,9 +218,11 @@ export class Scheduler {
     }
     if (rows.length === 0) return out;
 
-    let logits: Float32Array;
+    let tokens: Int32Array;
     try {
-      logits = this.model.forward(rows);
+      // a mid-prompt chunk's row is not sampled (its logits are not used)
+      const sampling = rowSeqs.map((s) => (s.prefilled < s.req.promptIds.length ? null : s.req.sampler.sampling()));
+      tokens = this.model.forwardSample(rows, sampling);
     } catch (e) {
       // An engine failure poisons only the sequences in this batch; each gets the error.
       const error: SerializedError = { code: "INTERNAL", message: `forward failed: ${(e as Error)?.message ?? e}` };
@@ -232,15 +235,13 @@ export class Scheduler {
     this.maxRowsInStep = Math.max(this.maxRowsInStep, out.rows);
     this.maxAdaptersInStep = Math.max(this.maxAdaptersInStep, out.adapters);
 
-    const vocab = this.model.vocabSize;
     const t = this.now();
     for (let i = 0; i < rowSeqs.length; i++) {
       const s = rowSeqs[i]!;
-      if (s.prefilled < s.req.promptIds.length) continue; // mid-prompt chunk: its logits are not used
-      let token: number;
+      if (s.prefilled < s.req.promptIds.length) continue;
+      const token = tokens[i]!;
       let res: SampleOutcome;
       try {
-        token = s.req.sampler.sample(logits, i * vocab);
         res = s.req.sampler.accept(token);
       } catch (e) {
         this.drop(s, { code: "INTERNAL", message: `sampling failed: ${(e as Error)?.message ?? e}` }, out);
