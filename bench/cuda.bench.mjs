@@ -156,6 +156,19 @@ function randomWeights(hf) {
   return w;
 }
 
+/** A random LoRA of rank r on all 7 linears of every layer (A ~ U(±0.01), B ~ U(±0.01)). */
+function randomAdapter(hf, r) {
+  const H = hf.hidden_size, I = hf.intermediate_size, hd = hf.head_dim;
+  const q = hf.num_attention_heads * hd, kv = hf.num_key_value_heads * hd;
+  const dims = { "self_attn.q_proj": [q, H], "self_attn.k_proj": [kv, H], "self_attn.v_proj": [kv, H], "self_attn.o_proj": [H, q],
+    "mlp.gate_proj": [I, H], "mlp.up_proj": [I, H], "mlp.down_proj": [H, I] };
+  const rand = (n) => Float32Array.from({ length: n }, () => (Math.random() * 2 - 1) * 0.01);
+  const modules = {};
+  for (let l = 0; l < hf.num_hidden_layers; l++)
+    for (const [m, [o, i]] of Object.entries(dims)) modules[`layers.${l}.${m}`] = { a: rand(r * i), b: rand(o * r), rank: r };
+  return { scaling: 2, modules };
+}
+
 function engineConfig(hf) {
   const rs = hf.rope_scaling;
   return {
@@ -200,12 +213,12 @@ async function engineRows() {
   // as the services run it (forwardSample: the token picked on the device, only the ids come back,
   // fed to the next step); "logits": forward with the [batch, V] logits downloaded (the old path).
   const greedy = { params: { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 }, recent: null, rng: seedRng(1n) };
-  const decode = (model, batch, steps, mode = "sample") => {
+  const decode = (model, batch, steps, mode = "sample", adapterOf = () => -1) => {
     let best = Infinity;
     for (let rep = 0; rep < 3; rep++) {
       const seqs = Array.from({ length: batch }, () => model.createSequence());
-      model.forward(seqs.map((seq) => ({ seq, tokens: prompt, adapter: -1 })), { out });
-      const rows = seqs.map((seq, i) => ({ seq, tokens: Int32Array.of(i + 5), adapter: -1 }));
+      model.forward(seqs.map((seq, i) => ({ seq, tokens: prompt, adapter: adapterOf(i) })), { out });
+      const rows = seqs.map((seq, i) => ({ seq, tokens: Int32Array.of(i + 5), adapter: adapterOf(i) }));
       const sampling = rows.map(() => greedy);
       const step = mode === "sample"
         ? () => model.forwardSample(rows, sampling).forEach((t, i) => (rows[i].tokens[0] = t))
@@ -228,6 +241,16 @@ async function engineRows() {
   }
   const tps8 = decode(m, 8, 100);
   row("engine decode batch 8 (1B, CUDA graphs)", tps8, "tok/s", `${((8 * 1000) / tps8).toFixed(3)} ms/step, greedy on the device`);
+  // LoRA r=16 on all 7 linears (the QLoRA recipe), unmerged: one adapter for every row, then 8
+  // adapters in one batch (each row its own; the segmented LoRA kernels run all of them in 2
+  // launches per module). The 8 slots hold copies of one random adapter: the work is the same.
+  const lora = randomAdapter(hf, 16);
+  for (let s = 0; s < 8; s++) m.setAdapter(s, lora);
+  const a1 = decode(m, 1, 100, "sample", () => 0);
+  row("engine decode batch 1, LoRA r=16 all-linear (1B)", a1, "tok/s", `${(1000 / a1).toFixed(3)} ms/token (base: ${(1000 / tps1).toFixed(3)})`);
+  const a8 = decode(m, 8, 50, "sample", (i) => i);
+  row("engine decode batch 8, 8 different adapters (1B)", a8, "tok/s", `${((8 * 1000) / a8).toFixed(3)} ms/step (base: ${((8 * 1000) / tps8).toFixed(3)})`);
+  for (let s = 0; s < 8; s++) m.removeAdapter(s);
   // prefill: one row of n tokens on a fresh sequence (bf16 tensor-core GEMMs; attention on the flash
   // kernel, or SIMT on the eager twin), best of 3
   const prefill = (model, n) => {

@@ -162,6 +162,30 @@ gpuTest("CUDA: a mixed batch with 2 adapters + base = each row alone, and = the 
   disposeAll(cpu, gpu);
 });
 
+gpuTest("CUDA: decode steps over 6 adapters (ranks 1..8, different modules) in one batch = CPU; a 70-token two-adapter prefill too", () => {
+  // Short steps run every adapter segment's LoRA in two launches per module (loraSegmentsForward),
+  // long ones (> 64 tokens) a GEMM pair per segment: both against the CPU engine.
+  const { cpu, gpu } = pair(LLAMA, "nf4", 29, { maxSequences: 8, maxContext: 48 });
+  const all = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+  const sets = [all, ["self_attn.q_proj", "self_attn.v_proj"], ["mlp.down_proj"], all.slice(2, 6), ["self_attn.k_proj", "mlp.up_proj"], all];
+  const ranks = [8, 4, 1, 3, 2, 5];
+  for (const m of [cpu, gpu]) sets.forEach((mods, i) => m.setAdapter(i, makeAdapter(LLAMA, 40 + i, mods, ranks[i]!)));
+  const adapters = [5, -1, 0, 3, 1, 4, 2, 0];  // rows; two rows share adapter 0
+  const [cs, gs] = [cpu, gpu].map((m) => adapters.map(() => m.createSequence()));
+  // every step <= 8 tokens: the fp32 GEMV path, so the CPU's function to FP32_TOL
+  const step = (tok: (i: number) => Int32Array, what: string) => {
+    const rows = (ss: number[]) => adapters.map((adapter, i) => ({ seq: ss[i]!, tokens: tok(i), adapter }));
+    assertClose(gpu.forward(rows(gs!)), cpu.forward(rows(cs!)), FP32_TOL, what);
+  };
+  for (let k = 0; k < 5; k++) step((i) => Int32Array.of((k * 11 + i * 5) % LLAMA.V), `step ${k}`);
+  assert.ok(gpu.cudaGraphStats()!.launches >= 3, "the decode steps replayed a graph");
+  const long = [Int32Array.from(ids(40, LLAMA.V, 60)), Int32Array.from(ids(30, LLAMA.V, 61))];  // 70 tokens: the GEMM path
+  const longRows = (ss: number[]) => long.map((tokens, i) => ({ seq: ss[i]!, tokens, adapter: [0, 3][i]! }));
+  const [fresh, gfresh] = [cpu, gpu].map((m) => { for (const s of m === cpu ? cs! : gs!) m.dropSequence(s); return [m.createSequence(), m.createSequence()]; });
+  assertClose(gpu.forward(longRows(gfresh!), { allLogits: true }), cpu.forward(longRows(fresh!), { allLogits: true }), BF16_TOL, "70-token prefill");
+  disposeAll(cpu, gpu);
+});
+
 gpuTest("CUDA forwardSample: tokens picked on the device = sampleToken (CPU) over the downloaded logits, graphs and eager, mixed adapters", () => {
   const { cfg, weights } = makeModel(LLAMA_ODD, "nf4", 23);
   for (const cudaGraphs of [true, false]) {

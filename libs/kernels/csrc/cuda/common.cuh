@@ -76,6 +76,21 @@ __device__ __forceinline__ float weightAt(const DevWeight& w, int64_t i) {
   }
 }
 
+// RoPE of one (x1, x2) = (v[j], v[j + hd/2]) pair by (c, s) = (cos, sin)[pos, j]. Each product
+// and sum rounded separately (no FMA contraction), as the CPU loop: bit-identical to qk::ropeRotate.
+// kInverse: the transposed rotation (the backward pass).
+template <bool kInverse>
+__device__ __forceinline__ void ropePair(float* v, int j, int half, float c, float s) {
+  const float x1 = v[j], x2 = v[j + half];
+  if (!kInverse) {
+    v[j] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    v[j + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+  } else {
+    v[j] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    v[j + half] = __fsub_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+  }
+}
+
 __device__ __forceinline__ float warpSum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

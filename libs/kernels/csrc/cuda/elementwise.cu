@@ -99,8 +99,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// ---- RoPE: one thread per (token, head, pair). Each product and sum rounded separately (no FMA
-// contraction), as the CPU loop: the rotation is bit-identical to qk::ropeForward / ropeBackward.
+// ---- RoPE: one thread per (token, head, pair); ropePair (common.cuh) is bit-identical to the CPU.
 template <bool kBackward>
 __global__ void ropeKernel(float* __restrict__ x, int64_t T, int nHeads, int headDim, const int32_t* __restrict__ pos,
                            const float* __restrict__ cosT, const float* __restrict__ sinT) {
@@ -112,15 +111,7 @@ __global__ void ropeKernel(float* __restrict__ x, int64_t T, int nHeads, int hea
     const int64_t th = e / half, t = th / nHeads;
     const int h = static_cast<int>(th % nHeads);
     const float c = cosT[static_cast<int64_t>(pos[t]) * half + j], s = sinT[static_cast<int64_t>(pos[t]) * half + j];
-    float* v = x + t * static_cast<int64_t>(nHeads) * headDim + static_cast<int64_t>(h) * headDim;
-    const float x1 = v[j], x2 = v[j + half];
-    if (!kBackward) {
-      v[j] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
-      v[j + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
-    } else {
-      v[j] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
-      v[j + half] = __fsub_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
-    }
+    ropePair<kBackward>(x + t * static_cast<int64_t>(nHeads) * headDim + static_cast<int64_t>(h) * headDim, j, half, c, s);
   }
 }
 

@@ -44,6 +44,36 @@ __global__ void kvCacheWriteKernel(const float* __restrict__ k, const float* __r
   }
 }
 
+// Llama attention prologue of a decode/prefill step, one thread per (token, head, pair) over the q
+// heads then the kv heads: q rotated in place; k rotated, in place and into its cache row; the v
+// pair copied to its cache row (the addressing of kvCacheWriteKernel).
+__global__ void ropeAppendKvKernel(float* __restrict__ q, float* __restrict__ k, const float* __restrict__ v, int64_t T,
+                                   int nHeads, int nKvHeads, int headDim, const int32_t* __restrict__ pos,
+                                   const float* __restrict__ cosT, const float* __restrict__ sinT,
+                                   const int64_t* __restrict__ kvOffset, float* __restrict__ kc, float* __restrict__ vc) {
+  const int half = headDim / 2, heads = nHeads + nKvHeads;
+  const int64_t kvDim = static_cast<int64_t>(nKvHeads) * headDim;
+  QK_GRID_STRIDE(e, T * heads * half) {
+    const int j = static_cast<int>(e % half);
+    const int64_t th = e / half, t = th / heads;
+    const int h = static_cast<int>(th % heads);
+    const int64_t p = pos[t];
+    const float c = cosT[p * half + j], s = sinT[p * half + j];
+    if (h < nHeads) {
+      ropePair<false>(q + (t * nHeads + h) * headDim, j, half, c, s);
+      continue;
+    }
+    const int64_t off = static_cast<int64_t>(h - nHeads) * headDim;  // this kv head within a row
+    float* kr = k + t * kvDim + off;
+    ropePair<false>(kr, j, half, c, s);
+    const int64_t dst = kvOffset[t] + p * kvDim + off;
+    kc[dst + j] = kr[j];
+    kc[dst + j + half] = kr[j + half];
+    vc[dst + j] = v[t * kvDim + off + j];
+    vc[dst + j + half] = v[t * kvDim + off + j + half];
+  }
+}
+
 __global__ void gatherRowsKernel(const float* __restrict__ src, const int32_t* __restrict__ idx, int64_t R,
                                  int64_t cols, float* __restrict__ dst) {
   QK_GRID_STRIDE(i, R * cols) {
@@ -84,6 +114,16 @@ void kvCacheWrite(const float* k, const float* v, const int64_t* kvOffset, const
   checkArg(T >= 0 && kvDim > 0, "kvCacheWrite sizes");
   if (T == 0) return;
   kvCacheWriteKernel<<<gridOf(T * kvDim), kThreads, 0, cs(stream)>>>(k, v, kvOffset, pos, T, kvDim, kCache, vCache);
+  QK_CUDA_LAUNCHED();
+}
+
+void ropeAppendKv(float* q, float* k, const float* v, int64_t T, int nHeads, int nKvHeads, int headDim,
+                  const int32_t* pos, const float* cosT, const float* sinT, const int64_t* kvOffset, float* kCache,
+                  float* vCache, Stream stream) {
+  checkArg(headDim > 0 && headDim % 2 == 0 && nHeads > 0 && nKvHeads > 0 && T >= 0, "ropeAppendKv shape");
+  if (T == 0) return;
+  ropeAppendKvKernel<<<gridOf(T * (nHeads + nKvHeads) * (headDim / 2)), kThreads, 0, cs(stream)>>>(
+      q, k, v, T, nHeads, nKvHeads, headDim, pos, cosT, sinT, kvOffset, kCache, vCache);
   QK_CUDA_LAUNCHED();
 }
 

@@ -470,6 +470,57 @@ __global__ void __launch_bounds__(256)
     }
 }
 
+// =============================================================================================
+// Segmented LoRA (loraSegmentsForward). The segment table travels by value in the kernel
+// parameters (≤ 4 KB), so a captured decode graph holds it like any other launch argument;
+// __grid_constant__ lets threads index it at run time where it is (no per-thread local copy).
+//   shrink:  tmp[t, j] = Σ_k x[t, k]·A_s[j, k]          one warp per (t, j), lanes stride k
+//   expand:  y[t, o] += scaling_s · Σ_j tmp[t, j]·B_s[o, j]   one thread per (t, o)
+// =============================================================================================
+struct LoraSegTable {
+  LoraSegment s[kMaxLoraSegments];
+  int64_t firstWarp[kMaxLoraSegments];  // shrink: the segment's warps start here ((t1 - t0)·rank each)
+  int n;
+};
+
+__global__ void __launch_bounds__(256)
+    loraShrinkKernel(const float* __restrict__ x, int64_t in, const __grid_constant__ LoraSegTable tab, float* __restrict__ tmp, int64_t ldTmp,
+                     int64_t warps) {
+  const int64_t gw = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (gw >= warps) return;  // whole warps leave together
+  int si = 0;
+  for (int i = 1; i < tab.n; ++i)
+    if (gw >= tab.firstWarp[i]) si = i;
+  const LoraSegment& seg = tab.s[si];
+  const int64_t local = gw - tab.firstWarp[si];
+  const int64_t t = seg.t0 + local / seg.rank, j = local % seg.rank;
+  const float* xr = x + t * in;
+  const float* ar = seg.a + j * in;
+  float acc = 0.f;
+  for (int64_t k = lane; k < in; k += 32) acc += __ldg(xr + k) * __ldg(ar + k);
+  acc = warpSum(acc);
+  if (lane == 0) tmp[t * ldTmp + j] = acc;
+}
+
+__global__ void __launch_bounds__(256)
+    loraExpandKernel(const float* __restrict__ tmp, int64_t ldTmp, const __grid_constant__ LoraSegTable tab, float* __restrict__ y, int64_t out,
+                     int64_t t0, int64_t t1) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t t = t0 + g / out, o = g % out;
+  if (t >= t1) return;
+  int si = -1;
+  for (int i = 0; i < tab.n; ++i)
+    if (t >= tab.s[i].t0 && t < tab.s[i].t1) si = i;
+  if (si < 0) return;  // a row of the base model (or of an adapter without this module)
+  const LoraSegment& seg = tab.s[si];
+  const float* tr = tmp + t * ldTmp;
+  const float* br = seg.b + o * seg.rank;
+  float acc = 0.f;
+  for (int j = 0; j < seg.rank; ++j) acc += tr[j] * __ldg(br + j);
+  y[t * out + o] += seg.scaling * acc;
+}
+
 }  // namespace
 
 void nf4Dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out, Stream stream) {
@@ -524,6 +575,29 @@ void gemmF32(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
   const dim3 grid(gridFor(N, 64), gridFor(M, 64));
   checkArg(grid.y <= 65535, "M too large for one GEMM launch");
   gemmF32Kernel<<<grid, 256, 0, cs(stream)>>>(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  QK_CUDA_LAUNCHED();
+}
+
+void loraSegmentsForward(const float* x, int64_t in, float* y, int64_t out, const LoraSegment* segs, int n, float* tmp,
+                         int64_t ldTmp, Stream stream) {
+  checkArg(n >= 0 && n <= kMaxLoraSegments, "loraSegmentsForward: at most kMaxLoraSegments segments");
+  if (n == 0 || in <= 0 || out <= 0) return;
+  LoraSegTable tab{};
+  tab.n = n;
+  int64_t warps = 0, t0 = segs[0].t0, t1 = segs[0].t1;
+  for (int i = 0; i < n; ++i) {
+    const LoraSegment& s = segs[i];
+    checkArg(s.t1 > s.t0 && s.rank >= 1 && s.rank <= ldTmp && s.a && s.b, "loraSegmentsForward: segment");
+    checkArg(i == 0 || s.t0 >= segs[i - 1].t1, "loraSegmentsForward: segments must be ordered and disjoint");
+    tab.s[i] = s;
+    tab.firstWarp[i] = warps;
+    warps += (s.t1 - s.t0) * s.rank;
+    t1 = s.t1;
+  }
+  cudaStream_t st = cs(stream);
+  loraShrinkKernel<<<gridFor(warps * 32, 256), 256, 0, st>>>(x, in, tab, tmp, ldTmp, warps);
+  QK_CUDA_LAUNCHED();
+  loraExpandKernel<<<gridFor((t1 - t0) * out, 256), 256, 0, st>>>(tmp, ldTmp, tab, y, out, t0, t1);
   QK_CUDA_LAUNCHED();
 }
 

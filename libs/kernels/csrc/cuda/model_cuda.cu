@@ -356,7 +356,7 @@ void CudaModel::invalidateGraphs() {
 void CudaModel::linear(int layer, Lin which, const float* x, int64_t T, float* y, bool accumulate) {
   const DevLinear& L = layers_[layer].lin[which];
   cuda::linearForward(x, T, L.w, L.bias, y, accumulate, stream_);
-  loraAdd(layer, which, x, y);
+  loraAdd(layer, which, x, T, y);
 }
 
 // linear() for n modules that read the same x (q/k/v, gate/up): the base products in one fused
@@ -369,23 +369,33 @@ void CudaModel::linearMany(int layer, std::initializer_list<std::pair<Lin, float
     base[n++] = {&L.w, L.bias, y};
   }
   cuda::linearForwardMany(x, T, base, n, false, stream_);
-  for (const auto& [which, y] : outs) loraAdd(layer, which, x, y);
+  for (const auto& [which, y] : outs) loraAdd(layer, which, x, T, y);
 }
 
-void CudaModel::loraAdd(int layer, Lin which, const float* x, float* y) {
+void CudaModel::loraAdd(int layer, Lin which, const float* x, int64_t T, float* y) {
   const DevLinear& L = layers_[layer].lin[which];
   const int64_t in = L.w.cols, out = L.w.rows;
+  float* tmp = lora_.as<float>();  // [T, capRank_]
+  loraSegs_.clear();
   for (const Segment& s : segments_) {
     if (s.adapter < 0) continue;
     const DevAdapter& ad = adapters_[s.adapter];
     const DevLora& m = ad.mods[static_cast<size_t>(layer) * kNumLin + which];
-    if (!m.a) continue;
-    const int64_t rows = s.t1 - s.t0, r = m.rank;
-    float* tmp = lora_.as<float>();
+    if (m.a) loraSegs_.push_back({s.t0, s.t1, m.a, m.b, m.rank, ad.scaling});
+  }
+  if (loraSegs_.empty()) return;
+  // short steps (decode, the graph-captured ones included): every segment in two launches
+  if (T <= kGraphMaxRows && loraSegs_.size() <= static_cast<size_t>(cuda::kMaxLoraSegments)) {
+    cuda::loraSegmentsForward(x, in, y, out, loraSegs_.data(), static_cast<int>(loraSegs_.size()), tmp, capRank_, stream_);
+    return;
+  }
+  // long steps: the tiled fp32 GEMM per segment
+  for (const cuda::LoraSegment& s : loraSegs_) {
+    const int64_t rows = s.t1 - s.t0, r = s.rank;
     // tmp[rows, r] = x[seg]·Aᵀ        A: [r, in]
-    cuda::gemmF32(false, true, rows, r, in, 1.f, x + s.t0 * in, in, m.a, in, 0.f, tmp, r, stream_);
+    cuda::gemmF32(false, true, rows, r, in, 1.f, x + s.t0 * in, in, s.a, in, 0.f, tmp, r, stream_);
     // y[seg] += scaling · tmp·Bᵀ       B: [out, r]
-    cuda::gemmF32(false, true, rows, out, r, ad.scaling, tmp, r, m.b, r, 1.f, y + s.t0 * out, out, stream_);
+    cuda::gemmF32(false, true, rows, out, r, s.scaling, tmp, r, s.b, r, 1.f, y + s.t0 * out, out, stream_);
   }
 }
 
@@ -429,14 +439,14 @@ void CudaModel::runDecoder(int64_t T, float* kPool, float* vPool) {
       ain = xn;
     }
     linearMany(l, {{LQ, q}, {LK, k}, {LV, v}}, ain, T);  // q [T, qDim], k, v [T, kvDim]
+    // rotate (Llama) and append k, v at each token's position in its sequence's cache, then attend
+    // over rows 0..pos
     if (llama) {
-      cuda::ropeForward(q, T, c.heads, c.headDim, m.pos, cos_, sin_, stream_);
-      cuda::ropeForward(k, T, c.kvHeads, c.headDim, m.pos, cos_, sin_, stream_);
+      cuda::ropeAppendKv(q, k, v, T, c.heads, c.kvHeads, c.headDim, m.pos, cos_, sin_, m.kvOff, kc, vc, stream_);
     } else {
       cuda::scaleInPlace(q, 1.f / std::sqrt(static_cast<float>(hd)), T * qDim_, stream_);  // OPT: q_proj(h)·hd^-0.5
+      cuda::kvCacheWrite(k, v, m.kvOff, m.pos, T, kvDim_, kc, vc, stream_);
     }
-    // append k, v at each token's position in its sequence's cache, then attend over rows 0..pos
-    cuda::kvCacheWrite(k, v, m.kvOff, m.pos, T, kvDim_, kc, vc, stream_);
     cuda::attentionForward(as, q, kc, vc, m.kvOff, m.pos, T, att, stream_, nTiles_ > 0 ? &tiles : nullptr);  // att [T, qDim]
     linear(l, LO, att, T, x, true);  // x += o_proj(att)
     if (!preLN) norm(L.norm1, x, x, T);
@@ -536,7 +546,8 @@ int64_t CudaModel::runStep(const RowSpec* rows, int nRows, bool allLogits) {
     // A decode step's launches depend only on the adapter of each row (segments, LoRA pointers) and
     // on buffers that stay put until ensureSlots/ensureScratch/setAdapter drop the graphs; the token
     // ids, positions and cache offsets are read from meta_, uploaded above. Replaying the captured
-    // graph removes the per-kernel launch gaps (~15 launches per layer at batch 1).
+    // graph removes the per-kernel launch gaps (9 launches per Llama layer without LoRA: 2 norms, the
+    // fused q/k/v and gate/up GEMVs, ropeAppendKv, attention, o, the gated activation, down).
     std::vector<int> key(nRows);
     for (int i = 0; i < nRows; ++i) key[i] = rows[i].adapter;
     auto it = graphs_.find(key);

@@ -135,8 +135,9 @@ class CudaModel {
   void linear(int layer, Lin which, const float* x, int64_t T, float* y, bool accumulate);
   // y_i[T, out_i] = x·W_iᵀ + b_i + LoRA_i for modules sharing x (the base GEMVs fused into one launch)
   void linearMany(int layer, std::initializer_list<std::pair<Lin, float*>> outs, const float* x, int64_t T);
-  // y[seg] += scaling·(x[seg]·Aᵀ)·Bᵀ for every segment whose adapter has this module
-  void loraAdd(int layer, Lin which, const float* x, float* y);
+  // y[seg] += scaling·(x[seg]·Aᵀ)·Bᵀ for every segment whose adapter has this module (steps of
+  // <= kGraphMaxRows tokens: all segments in two launches, cuda::loraSegmentsForward)
+  void loraAdd(int layer, Lin which, const float* x, int64_t T, float* y);
   void norm(const DevNorm& n, const float* x, float* y, int64_t rows);
   // logits_[R, V] = lm_head(finalNorm(x_[rowIdx[r]]))
   void logitsStep(int64_t R);
@@ -177,6 +178,7 @@ class CudaModel {
   cuda::Workspace ws_;
   cuda::Workspace sampleWs_;  // cuda::sampleTokens' slots
   std::vector<Segment> segments_;
+  std::vector<cuda::LoraSegment> loraSegs_;  // loraAdd's per-module table
   std::vector<int> order_;
   std::vector<int64_t> rowStart_;
 

@@ -155,6 +155,24 @@ bool linearForwardMany(const float* x, int64_t M, const LinearOut* outs, int n, 
 // dx[M,K] (=|+=) dy[M,N]·W (bf16 tensor cores for any M; training only).
 void linearBackwardInput(const float* dy, int64_t M, const WeightView& w, float* dx, bool accumulate,
                          Stream stream = nullptr);
+// The LoRA branch of a short step for every adapter segment at once (the SGMV shape of Punica /
+// S-LoRA): for each segment s, rows [t0, t1) of the packed tokens:
+//   y[t0..t1) += scaling_s · (x[t0..t1)·A_sᵀ)·B_sᵀ      A_s [rank_s, in], B_s [out, rank_s] (fp32)
+// Two launches however many segments (shrink: a warp per (row, rank index) into tmp[t, ·] with row
+// stride ldTmp >= every rank; expand: a thread per (row, output)), where one gemmF32 pair per
+// segment would cost 2 launches each — a decode batch over 8 adapters with all 7 Llama linears
+// adapted: 14 launches per layer instead of 112. At most kMaxLoraSegments segments.
+struct LoraSegment {
+  int64_t t0, t1;
+  const float* a;
+  const float* b;
+  int rank;
+  float scaling;
+};
+constexpr int kMaxLoraSegments = 64;
+void loraSegmentsForward(const float* x, int64_t in, float* y, int64_t out, const LoraSegment* segs, int n, float* tmp,
+                         int64_t ldTmp, Stream stream = nullptr);
+
 // Dense fp32 GEMM on CUDA cores (the LoRA branch keeps fp32 master weights), qk::gemmF32 semantics:
 // C = alpha·op(A)·op(B) + beta·C, row-major, beta == 0: C not read. Deterministic.
 void gemmF32(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
@@ -202,6 +220,11 @@ void embeddingForward(const WeightView& table, const int32_t* ids, int32_t idOff
 // (the addressing of attentionForward, so the same kvOffset / pos arrays serve both).
 void kvCacheWrite(const float* k, const float* v, const int64_t* kvOffset, const int32_t* pos, int64_t T,
                   int64_t kvDim, float* kCache, float* vCache, Stream stream = nullptr);
+// ropeForward on q [T, nHeads·hd] and k [T, nKvHeads·hd], then kvCacheWrite of the rotated k and of
+// v — one launch (a decode step's Llama attention prologue); the same values bit for bit.
+void ropeAppendKv(float* q, float* k, const float* v, int64_t T, int nHeads, int nKvHeads, int headDim,
+                  const int32_t* pos, const float* cosT, const float* sinT, const int64_t* kvOffset, float* kCache,
+                  float* vCache, Stream stream = nullptr);
 // dst[r, :] = src[idx[r], :] for r < R, rows of `cols` floats (idx: device).
 void gatherRows(const float* src, const int32_t* idx, int64_t R, int64_t cols, float* dst, Stream stream = nullptr);
 // dst[idx[r], :] = src[r, :] for r < R (the inverse of gatherRows; idx distinct; other rows untouched).

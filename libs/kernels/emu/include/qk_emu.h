@@ -86,6 +86,8 @@ void launch(void (*kernel)(P...), const LaunchConfig& c, A&&... args) {
 #define __shared__ static
 #undef __launch_bounds__
 #define __launch_bounds__(...)
+#undef __grid_constant__
+#define __grid_constant__
 #define threadIdx (::qk_emu::self().threadIdx)
 #define blockIdx (::qk_emu::self().blockIdx)
 #define blockDim (::qk_emu::self().blockDim)
