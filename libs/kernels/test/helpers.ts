@@ -95,29 +95,31 @@ export function readSafetensors(path: string): Map<string, { dtype: string; shap
  * same rows twice, on twin sequences (so the logits are the same), and every sampled token must be
  * sampleToken's over forward's logits with a twin RNG; null rows give -1; the RNGs end equal. Row 0
  * greedy, row 1 temperature + top-k + top-p + repetition penalty over its context, row 2 never
- * sampled (its first step a prompt chunk), row 3 the full distribution. Six steps: a prefill, then
- * decode steps fed with the sampled tokens. The model needs 8 free sequences.
+ * sampled (its first step a prompt chunk), row 3 the full distribution with a penalty (two
+ * penalised rows: each its own context). Seven steps: a prefill, then decode steps fed with the
+ * sampled tokens; step 2 samples no row at all. The model needs 8 free sequences.
  */
 export function checkForwardSample(m: NativeModel, vocab: number, adapters: readonly number[]): void {
   const specs: (SamplingParams | null)[] = [
     { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 },
     { temperature: 0.8, topK: 5, topP: 0.9, repetitionPenalty: 1.3 },
     null,
-    { temperature: 4, topK: 0, topP: 1, repetitionPenalty: 1 },  // hot: tiny random models' logits can be peaked
+    { temperature: 4, topK: 0, topP: 1, repetitionPenalty: 1.2 },  // hot: tiny random models' logits can be peaked
   ];
   const seqsA = specs.map(() => m.createSequence()), seqsB = specs.map(() => m.createSequence());
   const rngA = specs.map((_, i) => seedRng(BigInt(40 + i))), rngB = specs.map((_, i) => seedRng(BigInt(40 + i)));
   const context = specs.map((_, i) => Array.from({ length: 2 + 2 * i }, (_, j) => (j * 31 + i * 17 + 3) % vocab));
   let tokens = context.map((c) => Int32Array.from(c));
   let nonGreedy = 0;
-  for (let step = 0; step < 6; step++) {
+  for (let step = 0; step < 7; step++) {
     const rows = (seqs: number[]) => tokens.map((t, i) => ({ seq: seqs[i]!, tokens: t, adapter: adapters[i % adapters.length]! }));
     const recent = (i: number) => (specs[i]!.repetitionPenalty !== 1 ? Int32Array.from(context[i]!) : null);
+    const stepSpecs = step === 2 ? specs.map(() => null) : specs;
     const logits = m.forward(rows(seqsA));
-    const want = specs.map((p, i) => (p ? sampleToken(logits, i * vocab, vocab, p, recent(i), rngA[i]!) : -1));
-    const got = m.forwardSample(rows(seqsB), specs.map((p, i) => (p ? { params: p, recent: recent(i), rng: rngB[i]! } : null)));
+    const want = stepSpecs.map((p, i) => (p ? sampleToken(logits, i * vocab, vocab, p, recent(i), rngA[i]!) : -1));
+    const got = m.forwardSample(rows(seqsB), stepSpecs.map((p, i) => (p ? { params: p, recent: recent(i), rng: rngB[i]! } : null)));
     assert.deepEqual(Array.from(got), want, `step ${step}`);
-    specs.forEach((p, i) => {
+    stepSpecs.forEach((p, i) => {
       let best = 0;
       for (let v = 1; v < vocab; v++) if (logits[i * vocab + v]! > logits[i * vocab + best]!) best = v;
       if (p && p.temperature > 0 && want[i] !== best) nonGreedy++;

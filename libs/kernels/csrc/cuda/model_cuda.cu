@@ -488,12 +488,18 @@ void CudaModel::forward(const RowSpec* rows, int nRows, bool allLogits, float* l
   cuda::copyDeviceToHost(logitsHost_.data(), logits_.data(), bytes, stream_);
   cuda::synchronize(stream_);
   std::memcpy(logits, logitsHost_.data(), bytes);
+  appendRows(rows, nRows);
 }
 
 void CudaModel::forwardSample(const RowSpec* rows, int nRows, const RowSampling* const* sampling, int32_t* tokens) {
   runStep(rows, nRows, false);
-  // the logits never leave the device: one sampling launch, nRows ids come back
-  cuda::sampleTokens(logits_.as<float>(), cfg_.vocab, sampling, nRows, tokens, sampleWs_, stream_);
+  // the logits never leave the device: one sampling launch, nRows ids come back (synchronised)
+  cuda::sampleTokens(logits_.as<float>(), cfg_.vocab, sampling, nRows, tokens, sample_, stream_);
+  appendRows(rows, nRows);
+}
+
+void CudaModel::appendRows(const RowSpec* rows, int nRows) {
+  for (int i = 0; i < nRows; ++i) seqs_[rows[i].seq].len += rows[i].n;
 }
 
 int64_t CudaModel::runStep(const RowSpec* rows, int nRows, bool allLogits) {
@@ -578,8 +584,6 @@ int64_t CudaModel::runStep(const RowSpec* rows, int nRows, bool allLogits) {
     runDecoder(T, kPool, vPool);
     logitsStep(R);
   }
-  // the caches hold the new tokens once the queued work runs; the next use is on the same stream
-  for (int i = 0; i < nRows; ++i) seqs_[rows[i].seq].len += rows[i].n;
   return R;
 }
 

@@ -141,9 +141,12 @@ class CudaModel {
   void norm(const DevNorm& n, const float* x, float* y, int64_t rows);
   // logits_[R, V] = lm_head(finalNorm(x_[rowIdx[r]]))
   void logitsStep(int64_t R);
-  // Validates and packs the rows, queues the decoder + logitsStep (a captured graph for decode
-  // steps) and appends the tokens to their sequences; returns R, the logits rows left in logits_.
+  // Validates and packs the rows into metaHost_, uploads them and queues the decoder + logitsStep (a
+  // captured graph for decode steps); returns R, the logits rows left in logits_. The caller
+  // synchronises the stream (metaHost_ is rewritten by the next step) and then calls appendRows.
   int64_t runStep(const RowSpec* rows, int nRows, bool allLogits);
+  // The step's tokens are in the caches: each row's sequence grows by its token count.
+  void appendRows(const RowSpec* rows, int nRows);
 
   std::unique_ptr<Model> host_;  // validation, module names, norms/biases and RoPE tables (host)
   ModelConfig cfg_;
@@ -176,7 +179,7 @@ class CudaModel {
   cuda::Buffer x_, xn_, q_, k_, v_, att_, g_, u_, lora_, sel_, logits_, meta_;
   cuda::PinnedBuffer metaHost_, logitsHost_;
   cuda::Workspace ws_;
-  cuda::Workspace sampleWs_;  // cuda::sampleTokens' slots
+  cuda::SampleScratch sample_;  // cuda::sampleTokens' staging and slots
   std::vector<Segment> segments_;
   std::vector<cuda::LoraSegment> loraSegs_;  // loraAdd's per-module table
   std::vector<int> order_;

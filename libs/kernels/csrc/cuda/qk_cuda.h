@@ -309,8 +309,13 @@ void sumSquaresMany(const float* const* g, const int64_t* n, int count, double* 
 // qk::sampleToken for a batch of device logits rows ([nRows, vocab]): rows[i] (host; null = row i is
 // not sampled, tokens[i] = -1) gives row i's parameters, its recent ids (host) and its RNG, advanced
 // exactly as the CPU path does (one draw per sampled row when temperature > 0, in row order). One
-// launch (a block per sampled row), one download of the picked ids, then synchronises.
+// upload (the per-row arguments and recent ids, staged in pinned memory), one launch (a block per
+// sampled row), one download of the picked ids; always synchronises the stream before returning.
+struct SampleScratch {
+  Workspace dev;
+  PinnedBuffer host;
+};
 void sampleTokens(const float* logits, int64_t vocab, const RowSampling* const* rows, int nRows, int32_t* tokens,
-                  Workspace& ws, Stream stream = nullptr);
+                  SampleScratch& scratch, Stream stream = nullptr);
 
 }  // namespace qk::cuda

@@ -13,7 +13,6 @@
 // differ from the CPU's float64 walk only when u falls within ~vocab·2⁻⁴⁰ of a boundary.
 #include <algorithm>
 #include <climits>
-#include <vector>
 
 #include "cuda/common.cuh"
 
@@ -249,7 +248,7 @@ __global__ void __launch_bounds__(kSampleThreads) sampleKernel(const SampleArgs*
 }  // namespace
 
 void sampleTokens(const float* logits, int64_t vocab, const RowSampling* const* rows, int nRows, int32_t* tokens,
-                  Workspace& ws, Stream stream) {
+                  SampleScratch& scratch, Stream stream) {
   checkArg(vocab >= 1 && vocab <= INT32_MAX, "vocab size");
   checkArg(nRows >= 0, "row count");
   auto penalised = [](const RowSampling& r) { return r.p.repetitionPenalty != 1.f && r.recent && r.nRecent > 0; };
@@ -261,22 +260,31 @@ void sampleTokens(const float* logits, int64_t vocab, const RowSampling* const* 
     ++nSampled;
     if (penalised(*rows[i])) ++nPenalised, nRecent += rows[i]->nRecent;
   }
-  if (nSampled == 0) return;
-  // Device scratch: slot 0 the penalised copies [nPenalised, V], 1 the results, 2 the recent ids of
-  // every penalised row back to back, 3 the per-row arguments.
-  float* work = nPenalised ? ws.get<float>(0, static_cast<size_t>(nPenalised) * static_cast<size_t>(vocab)) : nullptr;
-  int32_t* result = ws.get<int32_t>(1, static_cast<size_t>(nSampled));
-  int32_t* recentDev = nRecent ? ws.get<int32_t>(2, static_cast<size_t>(nRecent)) : nullptr;
-  SampleArgs* argsDev = static_cast<SampleArgs*>(ws.get(3, sizeof(SampleArgs) * static_cast<size_t>(nSampled)));
+  if (nSampled == 0) {
+    synchronize(stream);  // the caller's step is complete when this returns, sampled or not
+    return;
+  }
+  // Pinned staging [args | recent ids | picked ids] (so the upload does not wait for the queued
+  // step); device: slot 0 the penalised copies [nPenalised, V], 1 the picked ids, 2 [args | recent].
+  const size_t argBytes = sizeof(SampleArgs) * static_cast<size_t>(nSampled);
+  const size_t recBytes = sizeof(int32_t) * static_cast<size_t>(nRecent);
+  const size_t need = argBytes + recBytes + sizeof(int32_t) * static_cast<size_t>(nSampled);
+  if (scratch.host.bytes() < need) scratch.host = PinnedBuffer(need);
+  char* host = scratch.host.as<char>();
+  auto* args = reinterpret_cast<SampleArgs*>(host);
+  auto* recentHost = reinterpret_cast<int32_t*>(host + argBytes);
+  auto* picked = reinterpret_cast<int32_t*>(host + argBytes + recBytes);
+  float* work = nPenalised ? scratch.dev.get<float>(0, static_cast<size_t>(nPenalised) * static_cast<size_t>(vocab)) : nullptr;
+  int32_t* result = scratch.dev.get<int32_t>(1, static_cast<size_t>(nSampled));
+  char* inDev = static_cast<char*>(scratch.dev.get(2, argBytes + recBytes));
+  const int32_t* recentDev = reinterpret_cast<const int32_t*>(inDev + argBytes);
 
-  std::vector<SampleArgs> args(static_cast<size_t>(nSampled));
-  std::vector<int32_t> recentHost(static_cast<size_t>(nRecent));
   int k = 0, pen = 0;
   int64_t rec = 0;
   for (int i = 0; i < nRows; ++i) {
     if (!rows[i]) continue;
     const RowSampling& r = *rows[i];
-    SampleArgs& a = args[static_cast<size_t>(k)];
+    SampleArgs a{};
     a.logits = logits + static_cast<int64_t>(i) * vocab;
     a.V = vocab;
     a.temperature = r.p.temperature;
@@ -286,7 +294,7 @@ void sampleTokens(const float* logits, int64_t vocab, const RowSampling* const* 
     a.penalty = r.p.repetitionPenalty;
     if (penalised(r)) {
       a.work = work + static_cast<int64_t>(pen++) * vocab;
-      std::copy(r.recent, r.recent + r.nRecent, recentHost.begin() + rec);
+      std::copy(r.recent, r.recent + r.nRecent, recentHost + rec);
       a.recent = recentDev + rec;
       a.nRecent = r.nRecent;
       rec += r.nRecent;
@@ -294,17 +302,15 @@ void sampleTokens(const float* logits, int64_t vocab, const RowSampling* const* 
     // exactly one draw per sampled token, none when greedy (the CPU's RNG protocol), in row order
     a.u = r.p.temperature > 0.f ? rngUniform(r.rng) : 0.0;
     a.result = result + k;
-    ++k;
+    args[k++] = a;
   }
-  if (nRecent) copyHostToDevice(recentDev, recentHost.data(), recentHost.size() * sizeof(int32_t), stream);
-  copyHostToDevice(argsDev, args.data(), args.size() * sizeof(SampleArgs), stream);
-  sampleKernel<<<nSampled, kSampleThreads, 0, cs(stream)>>>(argsDev);
+  copyHostToDevice(inDev, host, argBytes + recBytes, stream);
+  sampleKernel<<<nSampled, kSampleThreads, 0, cs(stream)>>>(reinterpret_cast<const SampleArgs*>(inDev));
   QK_CUDA_LAUNCHED();
-  std::vector<int32_t> picked(static_cast<size_t>(nSampled));
-  copyDeviceToHost(picked.data(), result, picked.size() * sizeof(int32_t), stream);
-  synchronize(stream);  // also keeps the pageable host sources alive until the copies ran
+  copyDeviceToHost(picked, result, sizeof(int32_t) * static_cast<size_t>(nSampled), stream);
+  synchronize(stream);
   for (int i = 0, j = 0; i < nRows; ++i)
-    if (rows[i]) tokens[i] = picked[static_cast<size_t>(j++)];
+    if (rows[i]) tokens[i] = picked[j++];
 }
 
 }  // namespace qk::cuda

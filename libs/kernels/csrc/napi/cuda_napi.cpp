@@ -614,10 +614,10 @@ Napi::Value testSample(const Napi::CallbackInfo& info) {
       row.recent = typed<int32_t>(info[2], napi_int32_array, static_cast<size_t>(row.nRecent), "recent");
     }
     row.rng = const_cast<uint64_t*>(typed<uint64_t>(info[3], napi_biguint64_array, 4, "rng"));
-    cu::Workspace ws;
+    cu::SampleScratch scratch;
     const qk::RowSampling* rows[1] = {&row};
     int32_t t = -1;
-    cu::sampleTokens(dl.as<float>(), static_cast<int64_t>(l.n), rows, 1, &t, ws);
+    cu::sampleTokens(dl.as<float>(), static_cast<int64_t>(l.n), rows, 1, &t, scratch);
     return Napi::Number::New(info.Env(), t);
   });
 }

@@ -22,7 +22,7 @@ import {
 } from "@qlora/model";
 import type { AdapterRef, ModelRef, QuantMode, SamplingSpec } from "../protocol.js";
 import type { AdapterMeta } from "./adapter-cache.js";
-import type { BatchModel, ForwardRow, TokenSampler } from "./scheduler.js";
+import type { BatchModel, TokenSampler } from "./scheduler.js";
 
 export interface SamplerOptions {
   sampling: SamplingSpec;
