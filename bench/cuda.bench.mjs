@@ -81,7 +81,7 @@ for (const M of [4, 8]) {
 }
 
 // decode-step fusion (1B shape, M=1): q/k/v and gate/up read the same x — one launch vs one per weight
-for (const [what, shape] of [["q/k/v 2048+512+512 x2048", { N0: 2048, N1: 512, N2: 512 }], ["gate/up 2x8192 x2048", { N0: 8192, N1: 8192 }]]) {
+for (const [what, shape] of [["q/k/v 2048+512+512 x2048", { N0: 2048, N1: 512, N2: 512 }], ["gate/up 2x8192 x2048 + SwiGLU", { N0: 8192, N1: 8192, gated: 1 }]]) {
   const g = cudaOps.bench("gemvMany", { M: 1, K: 2048, iters: 100, ...shape });
   row(`NF4 GEMV fused ${what}`, g.ms * 1000, "us", `${g.fused ? "one launch" : "NOT FUSED"}, ${(g.separateMs * 1000).toFixed(1)} us as separate launches; ${g.weightGBps.toFixed(0)} GB/s`);
 }

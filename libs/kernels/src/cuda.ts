@@ -87,6 +87,11 @@ export const cudaOps = {
   linearMany(x: Float32Array, M: number, ws: WeightTensor[], biases: (Float32Array | null)[]): { ys: Float32Array[]; fused: boolean } {
     return call(() => native.cudaTestLinearMany(x, M, ws, biases));
   },
+  /** act(x·Gᵀ + b_g)·(x·Uᵀ + b_u); fused: one launch (NF4 at M <= 8). */
+  gatedLinear(x: Float32Array, M: number, gate: WeightTensor, up: WeightTensor, gateBias: Float32Array | null,
+    upBias: Float32Array | null, act: ActivationKind): { y: Float32Array; fused: boolean } {
+    return call(() => native.cudaTestGatedLinear(x, M, gate, up, gateBias, upBias, act));
+  },
   /** dx = dy·W (bf16 tensor cores); with dxInit: dxInit + dy·W. */
   linearBackwardInput(dy: Float32Array, M: number, w: WeightTensor, dxInit: Float32Array | null = null): Float32Array {
     return call(() => native.cudaTestLinearBackwardInput(dy, M, w, dxInit));

@@ -190,6 +190,29 @@ gpuTest("linearForwardMany (q/k/v, gate/up in one launch) = linear per weight, b
   }
 });
 
+gpuTest("gatedLinearForward (gate/up GEMVs + the gated activation in one launch) = linear, linear, gatedActivation, bit for bit", () => {
+  const r = rng(13);
+  for (const [N, K] of [[37, 64], [70, 256], [8, 32]] as const) {
+    const [wg, wu] = [rand(N * K, r, -0.5, 0.5), rand(N * K, r, -0.5, 0.5)];
+    const [bg, bu] = [rand(N, r), rand(N, r)];
+    for (const M of [1, 2, 3, 8, 9]) {  // 9: not fused
+      const x = rand(M * K, r);
+      for (const act of ["silu", "gelu", "relu"] as const) {
+        for (const [what, g, u, fuses] of [
+          ["NF4", nf4Tensor(wg, [N, K], 32), nf4Tensor(wu, [N, K], 32), M <= 8],
+          ["NF4 + f32", nf4Tensor(wg, [N, K], 32), f32Tensor(wu, [N, K]), false],
+        ] as const) {
+          const got = cudaOps.gatedLinear(x, M, g, u, bg, act === "relu" ? null : bu, act);
+          assert.equal(got.fused, fuses, `${what} ${act} N=${N} K=${K} M=${M}: fused`);
+          const gy = cudaOps.linear(x, M, g, bg), uy = cudaOps.linear(x, M, u, act === "relu" ? null : bu);
+          const want = cudaOps.gatedActivation(act, gy, uy, new Float32Array(gy.length)).y;
+          assert.deepEqual(got.y, want, `${what} ${act} N=${N} K=${K} M=${M}`);
+        }
+      }
+    }
+  }
+});
+
 gpuTest("linearBackwardInput (bf16 tensor cores) matches the CPU within the bf16 bound", () => {
   const r = rng(3);
   for (const [N, K] of [[64, 96], [37, 33], [160, 128]] as [number, number][]) {

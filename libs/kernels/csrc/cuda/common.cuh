@@ -76,6 +76,13 @@ __device__ __forceinline__ float weightAt(const DevWeight& w, int64_t i) {
   }
 }
 
+// Activation forward values exactly as cpu/ops.cpp's scalar reference (silu = x / (1 + e^-x)).
+__device__ __forceinline__ float actForward(int a, float x) {
+  if (a == static_cast<int>(Activation::Silu)) return x / (1.f + expf(-x));
+  if (a == static_cast<int>(Activation::Relu)) return x > 0.f ? x : 0.f;
+  return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+}
+
 // RoPE of one (x1, x2) = (v[j], v[j + hd/2]) pair by (c, s) = (cos, sin)[pos, j]. Each product
 // and sum rounded separately (no FMA contraction), as the CPU loop: bit-identical to qk::ropeRotate.
 // kInverse: the transposed rotation (the backward pass).

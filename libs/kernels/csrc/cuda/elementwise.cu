@@ -131,12 +131,6 @@ __device__ __forceinline__ void actAndGrad(int a, float x, float* f, float* d) {
     *d = cdf + x * pdf;
   }
 }
-// forward values exactly as cpu/ops.cpp's scalar reference (silu = x / (1 + e^-x))
-__device__ __forceinline__ float actForward(int a, float x) {
-  if (a == static_cast<int>(Activation::Silu)) return x / (1.f + expf(-x));
-  if (a == static_cast<int>(Activation::Relu)) return x > 0.f ? x : 0.f;
-  return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
-}
 
 #define QK_GRID_STRIDE(i, n)                                                              \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \

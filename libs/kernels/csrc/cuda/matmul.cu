@@ -73,56 +73,60 @@ struct GemvNf4Parts {
   int n;
 };
 
-template <int M, int ROWS>
+// kGated (gate/up of a gated MLP: parts.n == 2, the same N): a block owns the same ROWS rows of
+// both weights (slots 0..ROWS-1 gate, ROWS..2·ROWS-1 up) and writes y = act(gate + b)·(up + b) into
+// part 0's output — the pair's GEMVs and the gated activation in one launch, per output the same
+// arithmetic as the two GEMVs followed by gatedActivationForward.
+template <int M, int ROWS, bool kGated = false>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-    gemvNf4Kernel(const float* __restrict__ x, int64_t K, GemvNf4Parts parts, bool accumulate) {
+    gemvNf4Kernel(const float* __restrict__ x, int64_t K, GemvNf4Parts parts, bool accumulate, int act) {
+  constexpr int SLOTS = kGated ? 2 * ROWS : ROWS;  // weight rows per block
   __shared__ float lut[16];
-  __shared__ float red[kGemvWarps][M * ROWS];
+  __shared__ float red[kGemvWarps][M * SLOTS];
   if (threadIdx.x < 16) lut[threadIdx.x] = kNf4Table[threadIdx.x];
   // this block's part (static indices: the parameter struct stays in the constant bank)
   GemvNf4Part P = parts.p[0];
 #pragma unroll
   for (int i = 1; i < kMaxGemvParts; ++i)
-    if (i < parts.n && blockIdx.x >= parts.p[i].firstBlock) P = parts.p[i];
-  const uint8_t* __restrict__ w = P.w;
-  const float* __restrict__ absmax = P.absmax;
+    if (!kGated && i < parts.n && blockIdx.x >= parts.p[i].firstBlock) P = parts.p[i];
+  const GemvNf4Part U = kGated ? parts.p[1] : P;  // the up weight of a gated pair
   const int64_t N = P.N;
-  const int bsShift = P.bsShift;
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x - P.firstBlock) * ROWS;
-  float acc[M][ROWS];
+  float acc[M][SLOTS];
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[m][r] = 0.f;
+    for (int r = 0; r < SLOTS; ++r) acc[m][r] = 0.f;
 
   const int64_t step = static_cast<int64_t>(kGemvWarps) * 32 * kGemvChunk;
   for (int64_t k = (static_cast<int64_t>(warp) * 32 + lane) * kGemvChunk; k < K; k += step) {
-    uint4 q[ROWS];
-    float sc[ROWS];
+    uint4 q[SLOTS];
+    float sc[SLOTS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const int64_t n = n0 + r;
+    for (int r = 0; r < SLOTS; ++r) {
+      const GemvNf4Part& W = r < ROWS ? P : U;
+      const int64_t n = n0 + r % ROWS;
       if (n < N) {
         const int64_t f = n * K + k;  // flat element index, a multiple of 32
-        q[r] = __ldg(reinterpret_cast<const uint4*>(w + (f >> 1)));
-        sc[r] = __ldg(absmax + (f >> bsShift));
+        q[r] = __ldg(reinterpret_cast<const uint4*>(W.w + (f >> 1)));
+        sc[r] = __ldg(W.absmax + (f >> W.bsShift));
       } else {
         q[r] = make_uint4(0, 0, 0, 0);
         sc[r] = 0.f;
       }
     }
-    float part[M][ROWS];
+    float part[M][SLOTS];
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) part[m][r] = 0.f;
+      for (int r = 0; r < SLOTS; ++r) part[m][r] = 0.f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // 4 words of 8 weights: byte b holds elements 2b (high nibble), 2b+1
-      float wv[ROWS][8];
+      float wv[SLOTS][8];
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
+      for (int r = 0; r < SLOTS; ++r) {
         const uint32_t word = i == 0 ? q[r].x : i == 1 ? q[r].y : i == 2 ? q[r].z : q[r].w;
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
         const float4 xa = __ldg(reinterpret_cast<const float4*>(x + m * K + k + 8 * i));
         const float4 xb = __ldg(reinterpret_cast<const float4*>(x + m * K + k + 8 * i + 4));
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r)
+        for (int r = 0; r < SLOTS; ++r)
           part[m][r] += wv[r][0] * xa.x + wv[r][1] * xa.y + wv[r][2] * xa.z + wv[r][3] * xa.w +
                         wv[r][4] * xb.x + wv[r][5] * xb.y + wv[r][6] * xb.z + wv[r][7] * xb.w;
       }
@@ -144,25 +148,30 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) acc[m][r] += sc[r] * part[m][r];
+      for (int r = 0; r < SLOTS; ++r) acc[m][r] += sc[r] * part[m][r];
   }
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
+    for (int r = 0; r < SLOTS; ++r) {
       const float s = warpSum(acc[m][r]);
-      if (lane == 0) red[warp][m * ROWS + r] = s;
+      if (lane == 0) red[warp][m * SLOTS + r] = s;
     }
   __syncthreads();
   if (threadIdx.x < M * ROWS) {
     const int m = threadIdx.x / ROWS, r = threadIdx.x % ROWS;
     const int64_t n = n0 + r;
     if (n < N) {
-      float s = 0.f;
-      for (int wi = 0; wi < kGemvWarps; ++wi) s += red[wi][threadIdx.x];
-      if (P.bias) s += P.bias[n];
+      // the warps' partial sums in a fixed order (deterministic), then the bias
+      auto rowSum = [&](int slot, const float* bias) {
+        float s = 0.f;
+        for (int wi = 0; wi < kGemvWarps; ++wi) s += red[wi][m * SLOTS + slot];
+        return bias ? s + bias[n] : s;
+      };
+      const float s = rowSum(r, P.bias);
       float* o = P.y + m * N + n;
-      *o = accumulate ? *o + s : s;
+      if (kGated) *o = actForward(act, s) * rowSum(ROWS + r, U.bias);
+      else *o = accumulate ? *o + s : s;
     }
   }
 }
@@ -231,7 +240,22 @@ void launchGemvNf4(const float* x, const LinearOut* outs, int n, bool accumulate
     checkArg(blocks + static_cast<uint64_t>(b) <= 0x7fffffffu, "fused GEMV grid too large");
     blocks += b;
   }
-  gemvNf4Kernel<M, ROWS><<<blocks, kGemvWarps * 32, 0, st>>>(x, outs[0].w->cols, parts, accumulate);
+  gemvNf4Kernel<M, ROWS><<<blocks, kGemvWarps * 32, 0, st>>>(x, outs[0].w->cols, parts, accumulate, 0);
+  QK_CUDA_LAUNCHED();
+}
+
+// gate.y = act(x·Gᵀ + b_g)·(x·Uᵀ + b_u) in one launch (both fit gemvNf4Fits, same shape). Half the
+// rows per block of the plain GEMV: the same weight bytes in flight and registers per block.
+template <int M>
+void launchGatedGemvNf4(const float* x, const LinearOut& gate, const LinearOut& up, int act, cudaStream_t st) {
+  constexpr int ROWS = M <= 2 ? 2 : 1;
+  GemvNf4Parts parts{};
+  parts.n = 2;
+  for (int i = 0; i < 2; ++i) {
+    const LinearOut& o = i == 0 ? gate : up;
+    parts.p[i] = {static_cast<const uint8_t*>(o.w->data), o.w->absmax, o.bias, o.y, o.w->rows, devWeight(*o.w).bsShift, 0};
+  }
+  gemvNf4Kernel<M, ROWS, true><<<gridFor(gate.w->rows, ROWS), kGemvWarps * 32, 0, st>>>(x, gate.w->cols, parts, false, act);
   QK_CUDA_LAUNCHED();
 }
 
@@ -558,6 +582,20 @@ bool linearForwardMany(const float* x, int64_t M, const LinearOut* outs, int n, 
     return false;
   }
   gemvRows(M, [&](auto m) { launchGemvNf4<decltype(m)::value>(x, outs, n, accumulate, cs(stream)); });
+  return true;
+}
+
+bool gatedLinearForward(const float* x, int64_t M, const LinearOut& gate, const LinearOut& up, Activation act,
+                        Stream stream) {
+  const bool fused = M >= 1 && M <= 8 && gemvNf4Fits(x, *gate.w) && gemvNf4Fits(x, *up.w) &&
+                     gate.w->rows == up.w->rows && gate.w->cols == up.w->cols && gate.w->rows > 0;
+  if (!fused) {
+    const LinearOut both[2] = {gate, up};
+    linearForwardMany(x, M, both, 2, false, stream);
+    gatedActivationForward(act, gate.y, up.y, gate.y, M * gate.w->rows, stream);
+    return false;
+  }
+  gemvRows(M, [&](auto m) { launchGatedGemvNf4<decltype(m)::value>(x, gate, up, static_cast<int>(act), cs(stream)); });
   return true;
 }
 

@@ -372,6 +372,12 @@ void CudaModel::linearMany(int layer, std::initializer_list<std::pair<Lin, float
   for (const auto& [which, y] : outs) loraAdd(layer, which, x, T, y);
 }
 
+bool CudaModel::hasLora(int layer, Lin which) const {
+  for (const Segment& s : segments_)
+    if (s.adapter >= 0 && adapters_[s.adapter].mods[static_cast<size_t>(layer) * kNumLin + which].a) return true;
+  return false;
+}
+
 void CudaModel::loraAdd(int layer, Lin which, const float* x, int64_t T, float* y) {
   const DevLinear& L = layers_[layer].lin[which];
   const int64_t in = L.w.cols, out = L.w.rows;
@@ -458,8 +464,13 @@ void CudaModel::runDecoder(int64_t T, float* kPool, float* vPool) {
       min = xn;
     }
     if (llama) {
-      linearMany(l, {{LGate, g}, {LUp, u}}, min, T);                  // g, u [T, I]
-      cuda::gatedActivationForward(c.act, g, u, g, T * I, stream_);   // g = act(g)·u
+      if (hasLora(l, LGate) || hasLora(l, LUp)) {  // the LoRA terms come before the activation
+        linearMany(l, {{LGate, g}, {LUp, u}}, min, T);                // g, u [T, I]
+        cuda::gatedActivationForward(c.act, g, u, g, T * I, stream_);  // g = act(g)·u
+      } else {                                                        // g = act(gate(xn))·up(xn), one launch when short
+        const DevLinear &G = L.lin[LGate], &U = L.lin[LUp];
+        cuda::gatedLinearForward(min, T, {&G.w, G.bias, g}, {&U.w, U.bias, u}, c.act, stream_);
+      }
       linear(l, LDown, g, T, x, true);                                // x += down(g)
     } else {
       linear(l, LUp, min, T, u, false);                               // u = fc1(xn) [T, I]
@@ -552,8 +563,8 @@ int64_t CudaModel::runStep(const RowSpec* rows, int nRows, bool allLogits) {
     // A decode step's launches depend only on the adapter of each row (segments, LoRA pointers) and
     // on buffers that stay put until ensureSlots/ensureScratch/setAdapter drop the graphs; the token
     // ids, positions and cache offsets are read from meta_, uploaded above. Replaying the captured
-    // graph removes the per-kernel launch gaps (9 launches per Llama layer without LoRA: 2 norms, the
-    // fused q/k/v and gate/up GEMVs, ropeAppendKv, attention, o, the gated activation, down).
+    // graph removes the per-kernel launch gaps (8 launches per Llama layer without LoRA: 2 norms, the
+    // fused q/k/v GEMV, ropeAppendKv, attention, o, the gated gate/up GEMV, down).
     std::vector<int> key(nRows);
     for (int i = 0; i < nRows; ++i) key[i] = rows[i].adapter;
     auto it = graphs_.find(key);

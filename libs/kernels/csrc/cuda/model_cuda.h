@@ -138,6 +138,8 @@ class CudaModel {
   // y[seg] += scaling·(x[seg]·Aᵀ)·Bᵀ for every segment whose adapter has this module (steps of
   // <= kGraphMaxRows tokens: all segments in two launches, cuda::loraSegmentsForward)
   void loraAdd(int layer, Lin which, const float* x, int64_t T, float* y);
+  // Some row of the current step has a LoRA on this module.
+  bool hasLora(int layer, Lin which) const;
   void norm(const DevNorm& n, const float* x, float* y, int64_t rows);
   // logits_[R, V] = lm_head(finalNorm(x_[rowIdx[r]]))
   void logitsStep(int64_t R);

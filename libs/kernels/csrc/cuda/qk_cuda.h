@@ -152,6 +152,12 @@ struct LinearOut {
 // Returns whether it fused.
 bool linearForwardMany(const float* x, int64_t M, const LinearOut* outs, int n, bool accumulate,
                        Stream stream = nullptr);
+// gate.y[M, I] = act(x·Gᵀ + b_g)·(x·Uᵀ + b_u) (a gated MLP's first half, SwiGLU for silu): at M <= 8
+// with both weights on the fast NF4 GEMV one launch, per output the same arithmetic as the two
+// linearForward + gatedActivationForward it otherwise runs (up.y is then scratch). Returns whether
+// it fused.
+bool gatedLinearForward(const float* x, int64_t M, const LinearOut& gate, const LinearOut& up, Activation act,
+                        Stream stream = nullptr);
 // dx[M,K] (=|+=) dy[M,N]·W (bf16 tensor cores for any M; training only).
 void linearBackwardInput(const float* dy, int64_t M, const WeightView& w, float* dx, bool accumulate,
                          Stream stream = nullptr);

@@ -221,6 +221,26 @@ Napi::Value testLinearMany(const Napi::CallbackInfo& info) {
   });
 }
 
+// cudaTestGatedLinear(x, M, gate, up, gateBias|null, upBias|null, act) -> {y: act(x·Gᵀ + b)·(x·Uᵀ + b), fused}
+Napi::Value testGatedLinear(const Napi::CallbackInfo& info) {
+  return guarded(info, [&]() -> Napi::Value {
+    cu::requireDevice();
+    const int64_t M = intArg(info[1], "M");
+    DeviceWeight g = weightOf(info[2]), u = weightOf(info[3]);
+    const int64_t N = g.view.rows;
+    cu::Buffer bg = isNull(info[4]) ? cu::Buffer() : upF32(info[4], static_cast<size_t>(N), "gateBias");
+    cu::Buffer bu = isNull(info[5]) ? cu::Buffer() : upF32(info[5], static_cast<size_t>(N), "upBias");
+    cu::Buffer x = upF32(info[0], static_cast<size_t>(M * g.view.cols), "x");
+    cu::Buffer yg(static_cast<size_t>(M * N) * 4), yu(static_cast<size_t>(M * u.view.rows) * 4);
+    const bool fused = cu::gatedLinearForward(x.as<float>(), M, {&g.view, bg.as<float>(), yg.as<float>()},
+                                              {&u.view, bu.as<float>(), yu.as<float>()}, activationOf(info[6]));
+    Napi::Object r = Napi::Object::New(info.Env());
+    r.Set("y", downF32(info.Env(), yg, static_cast<size_t>(M * N)));
+    r.Set("fused", fused);
+    return r;
+  });
+}
+
 // cudaTestLinearBackwardInput(dy, M, weight, dxInit|null) -> dx
 Napi::Value testLinearBackwardInput(const Napi::CallbackInfo& info) {
   return guarded(info, [&]() -> Napi::Value {
@@ -708,10 +728,17 @@ Napi::Value bench(const Napi::CallbackInfo& info) {
       }
       auto xs = randomFloats(static_cast<size_t>(M * K), 3, 1.f);
       cu::Buffer x = up(xs.data(), xs.size());
+      // gated (two equal weights): gatedLinearForward vs two GEMVs + the gated activation
+      const bool gated = optNum(o, "gated", 0) != 0 && n == 2;
+      const int64_t N0 = n ? Ns[0] : 0;
       bool fused = false;
-      const double ms = cu::timeMs([&] { fused = cu::linearForwardMany(x.as<float>(), M, outs.data(), static_cast<int>(n), false); }, iters);
+      const double ms = cu::timeMs([&] {
+        fused = gated ? cu::gatedLinearForward(x.as<float>(), M, outs[0], outs[1], qk::Activation::Silu)
+                      : cu::linearForwardMany(x.as<float>(), M, outs.data(), static_cast<int>(n), false);
+      }, iters);
       const double sms = cu::timeMs([&] {
         for (size_t i = 0; i < n; ++i) cu::linearForward(x.as<float>(), M, w[i], nullptr, y[i].as<float>(), false);
+        if (gated) cu::gatedActivationForward(qk::Activation::Silu, y[0].as<float>(), y[1].as<float>(), y[0].as<float>(), M * N0);
       }, iters);
       r.Set("fused", fused);
       r.Set("ms", ms);
@@ -808,6 +835,7 @@ QK_EXPORT("cudaInfo", cudaInfo);
 QK_EXPORT("cudaTestNf4Dequantize", testNf4Dequantize);
 QK_EXPORT("cudaTestLinear", testLinear);
 QK_EXPORT("cudaTestLinearMany", testLinearMany);
+QK_EXPORT("cudaTestGatedLinear", testGatedLinear);
 QK_EXPORT("cudaTestLinearBackwardInput", testLinearBackwardInput);
 QK_EXPORT("cudaTestGemm", testGemm);
 QK_EXPORT("cudaTestLoraLinear", testLoraLinear);
